@@ -1,0 +1,1 @@
+"""ncd: unsupervised image classification and novel class discovery."""
