@@ -1,0 +1,291 @@
+"""The report: tables against reported numbers, figures, provenance, errors, atomicity."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ncd.errors import NcdError
+from ncd.report import build_report, load_reported, match_reported
+from ncd.report import render
+
+ROOT = Path(__file__).resolve().parents[2]
+REPORTED_YAML = ROOT / "reports" / "reported.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COLUMNS = "experiment,method,stage,dataset,split,seed,head,metric,value"
+
+# Two experiments × 3 seeds. scan_c10: variant None → matches SCAN's canonical rows.
+# uno_c100: variant "80/20 v2" → matches 0.906, not the "80/20 paper" 0.850 row.
+SEEDS = [0, 1, 2]
+SCAN_ACC = {"scan": [0.80, 0.82, 0.77], "selflabel": [0.87, 0.89, 0.88]}
+SCAN_NMI = {"scan": [0.70, 0.71, 0.73], "selflabel": [0.78, 0.79, 0.80]}
+UNO_ACC = [0.91, 0.90, 0.92]
+UNO_TEST_KNOWN = [0.93, 0.94, 0.95]
+
+
+def _stats(vals: list[float]) -> tuple[float, float]:
+    return float(np.mean(vals)), float(np.std(vals, ddof=1))
+
+
+def _metrics_rows() -> list[str]:
+    rows = []
+    for i, s in enumerate(SEEDS):
+        for stage in ("scan", "selflabel"):
+            rows += [f"scan_c10,scan,{stage},cifar10,test,{s},best,acc,{SCAN_ACC[stage][i]}",
+                     f"scan_c10,scan,{stage},cifar10,test,{s},0,acc,0.1",  # a non-best head: ignored
+                     f"scan_c10,scan,{stage},cifar10,test,{s},best,nmi,{SCAN_NMI[stage][i]}"]
+        rows += [f"uno_c100,uno,discover,cifar100,train-novel,{s},best,acc,{UNO_ACC[i]}",
+                 f"uno_c100,uno,discover,cifar100,test-known,{s},best,acc,{UNO_TEST_KNOWN[i]}"]
+    # One seed only, a single (non-best) head: used as the fallback, std shown as "–".
+    rows.append("scan_c10,kmeans,kmeans,cifar10,test,0,0,acc,0.226")
+    return rows
+
+
+def _provenance(seed: int, torch: str = "2.14.1") -> dict:
+    return {"config_hash": f"hash{seed}", "git_commit": "abc123", "device": "CPU (test, 2 cores)",
+            "wall_time_s": 12.5 + seed, "packages": {"torch": torch, "numpy": "2.4.6"}}
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    results, bench = tmp_path / "results", tmp_path / "benchmarks"
+    metrics = results / "metrics.csv"
+    results.mkdir()
+    metrics.write_text(COLUMNS + "\n" + "\n".join(_metrics_rows()) + "\n")
+    classes = ["cat", "dog", "car"]
+    for exp, stages in {"scan_c10": ["scan", "selflabel"], "uno_c100": ["discover"]}.items():
+        for s in SEEDS:
+            for st in stages:
+                d = results / exp / f"seed{s}" / st
+                d.mkdir(parents=True)
+                ep = np.arange(5)
+                lines = ["epoch,train_loss,loss_consistency,val_acc"]
+                lines += [f"{e},{2.0 / (e + 1) + s * 0.01},{1.0 / (e + 1)},0.5" for e in ep]
+                (d / "history.csv").write_text("\n".join(lines) + "\n")
+                conf = {"split": "test", "head": 0, "classes": classes,
+                        "matrix": [[8 + s, 1, 1], [2, 7, 1], [0, 1, 9]]}
+                (d / "metrics.json").write_text(json.dumps({"confusion": conf, "provenance": _provenance(s)}))
+    for rule, names in {"scan": ["scan_c10_seed0", "scan_c10_seed1"], "evaluate": ["uno_c100_seed0"]}.items():
+        (bench / rule).mkdir(parents=True)
+        for i, n in enumerate(names):
+            (bench / rule / f"{n}.tsv").write_text(
+                "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                f"{10.0 * (i + 1):.4f}\t0:00:10\t100.1\t200.2\t90.0\t95.0\t0.1\t0.2\t50.0\t9.0\n")
+    return {"metrics": metrics, "results": results, "bench": bench, "out": tmp_path / "reports"}
+
+
+def _build(tree: dict, **kw) -> Path:
+    exps = {"scan_c10": {"dataset": "cifar10"}, "uno_c100": {"dataset": "cifar100", "variant": "80/20 v2"}}
+    return build_report(tree["metrics"], REPORTED_YAML, tree["results"], tree["bench"], tree["out"],
+                        experiments=kw.pop("experiments", exps), provenance={"command": "snakemake all"}, **kw)
+
+
+def _md_row(md: str, *cells: str, after: str = "") -> list[str]:
+    """The cells of the first Markdown table row that starts with ``cells`` (below ``after``)."""
+    for line in md[md.index(after):].splitlines():
+        parts = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and parts[: len(cells)] == list(cells):
+            return parts
+    raise AssertionError(f"no row {cells} in\n{md}")
+
+
+def test_tables_numbers(tree):
+    index = _build(tree)
+    md = (tree["out"] / "README.md").read_text()
+    assert index == tree["out"] / "index.html"
+    # columns: experiment variant dataset stage split metric head reported reproduced delta
+    for stage, rep in (("scan", 0.816), ("selflabel", 0.883)):
+        mean, std = _stats(SCAN_ACC[stage])
+        row = _md_row(md, "scan_c10", "–", "cifar10", stage, "test", "acc")
+        assert row[6] == "best"
+        assert row[7].startswith(f"{100 * rep:.1f} [^")
+        assert row[8] == f"{100 * mean:.1f} ± {100 * std:.1f} (n = 3)"
+        assert row[9] == f"{100 * (mean - rep):+.1f}"
+    mean, std = _stats(SCAN_NMI["selflabel"])
+    row = _md_row(md, "scan_c10", "–", "cifar10", "selflabel", "test", "nmi")
+    assert row[7].startswith("79.7 ") and row[9] == f"{100 * (mean - 0.797):+.1f}"
+    # The variant picks "80/20 v2" (90.6), not "80/20 paper" (85.0).
+    mean, std = _stats(UNO_ACC)
+    row = _md_row(md, "uno_c100", "80/20 v2", "cifar100", "discover", "train-novel", "acc")
+    assert row[7].startswith("90.6 ") and row[9] == f"{100 * (mean - 0.906):+.1f}"
+    assert row[8] == f"{100 * mean:.1f} ± {100 * std:.1f} (n = 3)"
+    # Nothing reported for test-known: "–" for both the reported value and Δ.
+    row = _md_row(md, "uno_c100", "80/20 v2", "cifar100", "discover", "test-known", "acc")
+    assert row[7] == "–" and row[9] == "–"
+    # Single seed, only head "0": fallback head and "± –".
+    row = _md_row(md, "scan_c10", "–", "cifar10", "kmeans", "test", "acc")
+    assert row[6] == "0" and row[8] == "22.6 ± – (n = 1)" and row[7] == "–"
+    # The non-best head's 0.1 never leaks into a mean.
+    assert "10.0 ±" not in md
+    # Reported-only tables keep the rest of each paper's table visible, competitors included.
+    assert _md_row(md, "uno", "cifar100", "discover", "train-novel", "acc", "best", "80/20 paper")[7].startswith("85.0")
+    assert _md_row(md, "rs+", "cifar100", "discover", "train-novel", "acc", "best", "80/20")[7].startswith("75.2")
+    assert _md_row(md, "cld", "cifar100", "pretrain", "test", "knn_top1", "best", "MoCo+CLD")[7].startswith("58.1")
+    assert _md_row(md, "twostage", "cifar10", "twostage", "train", "acc", "best", "from scratch, 6 runs")[7].startswith("78.8 ± 3.2")
+    # Reproduced SCAN cifar10 selflabel acc is no longer "reported only"; the 10-run mean still is.
+    assert not any(l.startswith("| scan | cifar10 | selflabel | test | acc | best | – |") for l in md.splitlines())
+    _md_row(md, "scan", "cifar10", "selflabel", "test", "acc", "best", "mean of 10 runs")
+    # Footnotes resolve to sources.
+    assert re.search(r"^\[\^\d+\]: SCAN: official repository model-zoo table$", md, re.M)
+    assert re.search(r"^\[\^\d+\]: UNO: official repository README$", md, re.M)
+    for paper in ("Baselines", "SCAN", "UNO", "SeLa", "CLD", "Two-stage"):
+        assert f"## {paper}\n" in md
+
+
+def test_variant_respected(tree):
+    # Another variant ("50/50 v2") must not pick up the 80/20 number; with no variant UNO has none.
+    for variant, expect in (("50/50 v2", "60.8"), (None, "–")):
+        exps = {"uno_c100": {"variant": variant}}
+        _build(tree, experiments=exps)
+        md = (tree["out"] / "README.md").read_text()
+        row = _md_row(md, "uno_c100", variant or "–", "cifar100", "discover", "train-novel", "acc")
+        assert row[7].split(" ")[0] == expect
+        assert "90.6" not in row[7]
+
+
+def test_match_reported_rules():
+    rep = load_reported(REPORTED_YAML)
+    key = ("uno", "cifar100", "discover", "train-novel", "acc")
+    assert match_reported(rep, *key, "80/20 v2")["value"] == 0.906
+    assert match_reported(rep, *key, "80/20 paper")["value"] == 0.850
+    assert match_reported(rep, *key, "v3") is None
+    assert match_reported(rep, *key, None) is None
+    # An experiment's variant falls back to the canonical entry of a key with no such variant.
+    assert match_reported(rep, "twostage", "cifar10", "superand", "test", "knn_top1", "lowest-loss head")["value"] == 0.892
+    assert match_reported(rep, "twostage", "cifar10", "twostage", "train", "acc", "lowest-loss head")["value"] == 0.810
+    # avg-head entries only match averaged heads.
+    assert match_reported(rep, "twostage", "cifar10", "twostage", "train", "acc", "average of 5 heads") is None
+    assert match_reported(rep, "twostage", "cifar10", "twostage", "train", "acc", "average of 5 heads", "avg")["value"] == 0.718
+
+
+def test_html_figures_provenance(tree):
+    index = _build(tree)
+    html = index.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert html.count('<table class="results">') == 3  # Baselines (kmeans), SCAN, UNO
+    assert "<td>uno_c100</td>" in html and "90.6" in html and 'title="variant: 80/20 v2;' in html
+    figs = sorted(p.name for p in (tree["out"] / "figures").iterdir())
+    assert figs == ["confusion_scan_c10_scan.png", "confusion_scan_c10_selflabel.png", "confusion_uno_c100_discover.png",
+                    "loss_scan_c10_scan.png", "loss_scan_c10_selflabel.png", "loss_uno_c100_discover.png"]
+    for f in figs:
+        data = (tree["out"] / "figures" / f).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+        assert f'src="figures/{f}"' in html
+    md = (tree["out"] / "README.md").read_text()
+    assert "](figures/loss_uno_c100_discover.png)" in md
+    # Provenance: per run, packages collapsed, benchmarks summed per rule (10 + 20 s for scan).
+    row = _md_row(md, "scan_c10", "2", "selflabel", after="### Runs")
+    assert row[3:] == ["`hash2`", "`abc123`", "CPU (test, 2 cores)", "14.5 s"]
+    assert "All runs agree: `numpy 2.4.6`, `torch 2.14.1`" in md
+    bench = "### Wall time per rule"
+    assert _md_row(md, "scan", after=bench)[1] == "30.0 s" and _md_row(md, "evaluate", after=bench)[1] == "10.0 s"
+    assert _md_row(md, "**all**", after=bench)[1] == "**40.0 s**"
+    assert _md_row(md, "scan", "scan_c10_seed1", after=bench)[2] == "20.0 s"
+    assert _md_row(md, "command", after="## Provenance")[1] == "snakemake all"
+    assert not list(tree["out"].rglob("*.tmp"))
+
+
+def test_packages_differ(tree):
+    p = tree["results"] / "uno_c100" / "seed1" / "discover" / "metrics.json"
+    p.write_text(json.dumps({"provenance": _provenance(1, torch="2.13.0")}))  # and no confusion
+    _build(tree)
+    md = (tree["out"] / "README.md").read_text()
+    assert "Same in all runs: `numpy 2.4.6`" in md
+    differ = "Packages whose versions differ"
+    assert _md_row(md, "uno_c100", "1", "discover", after=differ)[3:] == ["2.13.0"]
+    assert _md_row(md, "uno_c100", "2", "discover", after=differ)[3:] == ["2.14.1"]
+    # The confusion figure comes from the first seed that has one.
+    assert (tree["out"] / "figures" / "confusion_uno_c100_discover.png").is_file()
+
+
+def test_html_escapes(tree):
+    tree["metrics"].write_text(COLUMNS + "\n<b>x</b>,scan,scan,cifar10,test,0,best,acc,0.5\n")
+    html = _build(tree, experiments={}).read_text()
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
+
+
+def test_missing_metrics(tree):
+    tree["metrics"].unlink()
+    with pytest.raises(NcdError, match=r"metrics\.csv.*experiment, method, stage"):
+        _build(tree)
+    assert not (tree["out"] / "index.html").exists()
+
+
+def test_bad_columns(tree):
+    tree["metrics"].write_text("experiment,method,value\nscan_c10,scan,0.5\n")
+    with pytest.raises(NcdError, match=r"metrics\.csv.*missing column\(s\) stage.*expected columns"):
+        _build(tree)
+
+
+def test_failure_leaves_no_report(tree, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(render, "loss_figure", boom)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        _build(tree)
+    out = tree["out"]
+    assert not (out / "index.html").exists() and not (out / "README.md").exists()
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_stale_figures_removed(tree):
+    _build(tree)
+    stale = tree["out"] / "figures" / "loss_gone_scan.png"
+    stale.write_bytes(PNG_MAGIC)
+    _build(tree)
+    assert not stale.exists()
+
+
+def test_reported_yaml():
+    raw = yaml.safe_load(REPORTED_YAML.read_text())
+    assert isinstance(raw, list) and len(raw) > 100
+    required = {"paper", "method", "dataset", "stage", "split", "metric", "value", "head", "source"}
+    seen = set()
+    for e in raw:
+        assert required <= e.keys(), e
+        assert e["paper"] in {"SCAN", "UNO", "SeLa", "CLD", "Two-stage"}
+        assert e["dataset"] in {"cifar10", "cifar100", "cifar100-20", "stl10", "imagenet", "imagenet-50",
+                                "imagenet-100", "imagenet-200"}
+        assert e["split"] in {"train", "test", "train-novel", "test-novel", "test-known"}
+        assert e["metric"] in {"acc", "nmi", "ari", "ami", "acc_top5", "acc_agnostic", "knn_top1", "linear_top1"}
+        assert e["head"] in {"best", "avg"}
+        assert 0.0 <= e["value"] <= 1.0 and (e.get("std") is None or 0.0 <= e["std"] <= 1.0)
+        key = tuple(e[k] for k in ("method", "dataset", "stage", "split", "metric", "head")) + (e.get("variant"),)
+        assert key not in seen, f"duplicate entry {key}"
+        seen.add(key)
+    rep = load_reported(REPORTED_YAML)
+
+    def value(**kw):
+        hits = [e for e in rep if all(e.get(k) == v for k, v in kw.items())]
+        assert len(hits) == 1, (kw, hits)
+        return hits[0]
+
+    assert value(method="scan", dataset="cifar10", stage="selflabel", metric="acc", variant=None)["value"] == 0.883
+    assert value(method="scan", dataset="imagenet", metric="ami")["value"] == 0.512
+    assert value(method="uno", dataset="cifar100", split="train-novel", variant="80/20 v2")["value"] == 0.906
+    assert value(method="uno", dataset="cifar100", split="test-novel", metric="acc_agnostic",
+                 variant="50/50 paper")["value"] == 0.506
+    assert value(method="uno", dataset="cifar10", variant="5/5 paper", split="train-novel")["std"] == 0.005
+    assert value(method="cld", dataset="cifar100", variant="MoCo+CLD")["value"] == 0.581
+    assert value(method="sela", dataset="imagenet", metric="linear_top1", variant="Aug++ ResNet-50 10x3k")["value"] == 0.688
+    assert value(method="twostage", dataset="stl10", head="avg")["value"] == 0.566
+    assert value(method="twostage", dataset="cifar100", stage="superand")["value"] == 0.615
+    # UNO's "CIFAR100-20" is CIFAR-100 with 20 novel classes, never the superclass dataset.
+    assert not [e for e in rep if e["paper"] == "UNO" and e["dataset"] == "cifar100-20"]
+
+
+def test_reported_yaml_validation(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text(yaml.safe_dump([{"paper": "SCAN", "method": "scan", "dataset": "cifar10", "stage": "scan",
+                                    "split": "test", "metric": "acc", "value": 81.6, "source": "x"}]))
+    with pytest.raises(NcdError, match="not a fraction"):
+        load_reported(bad)
+    bad.write_text(yaml.safe_dump([{"paper": "SCAN", "value": 0.5}]))
+    with pytest.raises(NcdError, match="needs the keys"):
+        load_reported(bad)
