@@ -1,0 +1,380 @@
+"""Dataset classes and per-family loaders behind :mod:`ncd.data.registry`.
+
+Every dataset yields ``(PIL image, int target)`` (target ``-1`` when unlabeled) and carries
+``targets`` (int64 NumPy array) and ``classes``. Files are read through torchvision's own
+loaders; integrity problems become :class:`NcdError` messages that name the file, the
+expected md5 and the fix, instead of torchvision's generic "not found or corrupted".
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import datasets as tvd
+from torchvision.datasets import folder as tv_folder
+from torchvision.datasets import imagenet as tv_imagenet
+from torchvision.datasets import utils as tv_utils
+from torchvision.transforms import functional as TF
+
+from ncd.errors import NcdError
+
+# --------------------------------------------------------------------------------------------
+# Dataset classes
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: ``targets`` (int64), ``classes``, optional ``transform``; ``_image(i)`` loads."""
+
+    def __init__(self, targets: Sequence[int] | np.ndarray, classes: Sequence[str],
+                 transform: Callable | None = None) -> None:
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self._image(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[index])
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in a uint8 array: ``[N, H, W]`` (mode L), ``[N, H, W, 3]`` or, with
+    ``channels_first``, ``[N, 3, H, W]`` (kept as loaded so 100k STL images are not copied)."""
+
+    def __init__(self, data: np.ndarray, targets: Sequence[int] | np.ndarray,
+                 classes: Sequence[str], transform: Callable | None = None,
+                 channels_first: bool = False) -> None:
+        super().__init__(targets, classes, transform)
+        if len(data) != len(self.targets):
+            raise NcdError(f"{len(data)} images but {len(self.targets)} targets")
+        self.data = data
+        self.channels_first = channels_first
+
+    def _image(self, index: int) -> Image.Image:
+        a = self.data[index]
+        if self.channels_first:
+            a = a.transpose(1, 2, 0)
+        return Image.fromarray(np.ascontiguousarray(a))  # 2-D -> "L", HxWx3 -> "RGB"
+
+
+class FileDataset(ImageDataset):
+    """Images read from files (RGB); optionally resized so the short side is ``resize`` and
+    then centre-cropped to a square when ``square`` is set."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                 transform: Callable | None = None, resize: int | None = None,
+                 square: bool = False) -> None:
+        super().__init__([t for _, t in samples], classes, transform)
+        self.paths = [p for p, _ in samples]
+        self.resize = resize
+        self.square = square
+
+    def _image(self, index: int) -> Image.Image:
+        img = tv_folder.pil_loader(self.paths[index])
+        if self.resize:
+            img = TF.resize(img, self.resize)
+            if self.square:
+                img = TF.center_crop(img, self.resize)
+        return img
+
+
+# --------------------------------------------------------------------------------------------
+# digits (scikit-learn, no download)
+
+DIGITS_TEST_SIZE = 0.3
+
+
+def load_digits_split(split: str, transform: Callable | None = None) -> ArrayDataset:
+    """scikit-learn's 8×8 digits, 0..16 scaled to uint8, fixed stratified 70/30 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.rint(d.images * 255.0 / 16.0).astype(np.uint8)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(d.target)), test_size=DIGITS_TEST_SIZE, stratify=d.target, random_state=0)
+    idx = idx_train if split == "train" else idx_test
+    return ArrayDataset(images[idx], d.target[idx], [str(c) for c in range(10)], transform)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR / STL-10: torchvision classes, md5-checked files
+
+# METHODS.md 1.8: superclass name (SCAN's spelling fixed) -> fine CIFAR-100 indices.
+CIFAR20_SUPERCLASSES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("aquatic mammals", (4, 30, 55, 72, 95)),
+    ("fish", (1, 32, 67, 73, 91)),
+    ("flowers", (54, 62, 70, 82, 92)),
+    ("food containers", (9, 10, 16, 28, 61)),
+    ("fruit and vegetables", (0, 51, 53, 57, 83)),
+    ("household electrical devices", (22, 39, 40, 86, 87)),
+    ("household furniture", (5, 20, 25, 84, 94)),
+    ("insects", (6, 7, 14, 18, 24)),
+    ("large carnivores", (3, 42, 43, 88, 97)),
+    ("large man-made outdoor things", (12, 17, 37, 68, 76)),
+    ("large natural outdoor scenes", (23, 33, 49, 60, 71)),
+    ("large omnivores and herbivores", (15, 19, 21, 31, 38)),
+    ("medium-sized mammals", (34, 63, 64, 66, 75)),
+    ("non-insect invertebrates", (26, 45, 77, 79, 99)),
+    ("people", (2, 11, 35, 46, 98)),
+    ("reptiles", (27, 29, 44, 78, 93)),
+    ("small mammals", (36, 50, 65, 74, 80)),
+    ("trees", (47, 52, 56, 59, 96)),
+    ("vehicles 1", (8, 13, 48, 58, 90)),
+    ("vehicles 2", (41, 69, 81, 85, 89)),
+)
+
+
+def _cifar100_to_20() -> np.ndarray:
+    table = np.full(100, -1, dtype=np.int64)
+    for coarse, (_, fines) in enumerate(CIFAR20_SUPERCLASSES):
+        table[list(fines)] = coarse
+    assert (table >= 0).all()
+    return table
+
+
+CIFAR100_TO_20: np.ndarray = _cifar100_to_20()
+
+_TV_CLASSES: dict[str, type] = {
+    "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "cifar100-20": tvd.CIFAR100,
+    "stl10": tvd.STL10,
+}
+
+
+def torchvision_class(name: str) -> type:
+    """The torchvision dataset class that reads ``name``'s files."""
+    return _TV_CLASSES[name]
+
+
+def expected_files(name: str) -> list[tuple[str, str]]:
+    """``(path relative to root, md5)`` of every checksummed file, read from the torchvision
+    class at call time (so a test can patch the lists)."""
+    cls = _TV_CLASSES[name]
+    files = [(f"{cls.base_folder}/{f}", md5) for f, md5 in cls.train_list + cls.test_list]
+    meta = getattr(cls, "meta", None)
+    if isinstance(meta, dict):
+        files.append((f"{cls.base_folder}/{meta['filename']}", meta["md5"]))
+    return files
+
+
+def check_files(name: str, root: str | os.PathLike) -> list[str]:
+    """Return the missing files; raise :class:`NcdError` if a present file has a wrong md5."""
+    root = Path(root)
+    missing, bad = [], []
+    for rel, md5 in expected_files(name):
+        path = root / rel
+        if not path.is_file():
+            missing.append(rel)
+        elif (actual := tv_utils.calculate_md5(path)) != md5:
+            bad.append(f"{path} (md5 {actual}, expected {md5})")
+    if bad:
+        raise NcdError(
+            f"dataset '{name}': checksum mismatch for " + "; ".join(bad)
+            + ". The file is corrupt or not the official one: delete it and run again with "
+              "download: true, or replace it with the official file")
+    return missing
+
+
+def _missing_error(name: str, root: Path, what: Sequence[str]) -> NcdError:
+    shown = ", ".join(what[:4]) + (", ..." if len(what) > 4 else "")
+    return NcdError(
+        f"dataset '{name}' is not in {root} (missing: {shown}) and downloads are off "
+        f"(download: false); set download: true or place the files there")
+
+
+def download_torchvision(name: str, root: str | os.PathLike,
+                         download: bool) -> list[tuple[str, str]]:
+    """Make sure ``name``'s files are in ``root`` (downloading if allowed); return the verified
+    ``(file, md5)`` list. Present files with a wrong md5 are an error, never re-downloaded."""
+    root = Path(root)
+    missing = check_files(name, root)
+    if missing:
+        if not download:
+            raise _missing_error(name, root, missing)
+        cls = _TV_CLASSES[name]
+        archive = root / cls.filename
+        if archive.is_file() and (actual := tv_utils.calculate_md5(archive)) != cls.tgz_md5:
+            raise NcdError(
+                f"dataset '{name}': checksum mismatch for {archive} (md5 {actual}, expected "
+                f"{cls.tgz_md5}); delete it (an interrupted download?) and run again")
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename,
+                                                  md5=cls.tgz_md5)
+        except Exception as e:  # network errors, bad archive: all end the step the same way
+            raise NcdError(
+                f"could not download dataset '{name}' from {cls.url} into {root}: {e}. Check the "
+                f"network, or fetch {cls.filename} yourself and extract it there") from e
+        missing = check_files(name, root)
+        if missing:
+            raise NcdError(f"dataset '{name}': after downloading, still missing in {root}: "
+                           + ", ".join(missing))
+    return expected_files(name)
+
+
+def _open_torchvision(name: str, root: Path, **kwargs: Any) -> Any:
+    try:
+        return _TV_CLASSES[name](str(root), download=False, **kwargs)
+    except RuntimeError as e:
+        # Let our own check say which file is missing or corrupt; it raises if it finds out.
+        missing = check_files(name, root)
+        if missing:
+            raise _missing_error(name, root, missing) from e
+        raise NcdError(f"dataset '{name}' in {root}: {e}") from e
+
+
+def load_cifar(name: str, root: str | os.PathLike, split: str,
+               transform: Callable | None = None) -> ArrayDataset:
+    """CIFAR-10, CIFAR-100 (fine) or CIFAR-100-20 (superclasses) from ``root``."""
+    ds = _open_torchvision(name, Path(root), train=split == "train")
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    classes = list(ds.classes)
+    if name == "cifar100-20":
+        targets = CIFAR100_TO_20[targets]
+        classes = [n for n, _ in CIFAR20_SUPERCLASSES]
+    return ArrayDataset(ds.data, targets, classes, transform)
+
+
+def load_stl10(root: str | os.PathLike, split: str,
+               transform: Callable | None = None) -> ArrayDataset:
+    """STL-10; ``unlabeled`` images have target −1."""
+    ds = _open_torchvision("stl10", Path(root), split=split)
+    classes = getattr(ds, "classes", None) or [str(c) for c in range(10)]
+    return ArrayDataset(ds.data, ds.labels, classes, transform, channels_first=True)
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet and its subsets (user-provided archives or extracted folders)
+
+IMAGENET_RESIZE = 256
+
+
+def imagenet_subset_classes(n: int) -> list[tuple[str, str]]:
+    """SCAN's ImageNet-``n`` class list (n in 50, 100, 200): ``(wnid, name)``, index = position."""
+    if n not in (50, 100, 200):
+        raise NcdError(f"no ImageNet subset with {n} classes; expected 50, 100 or 200")
+    text = resources.files("ncd.data").joinpath(f"splits/imagenet_{n}.txt").read_text()
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            wnid, _, cname = line.strip().partition(" ")
+            out.append((wnid, cname))
+    return out
+
+
+def imagenet_requirements(root: str | os.PathLike, splits: Sequence[str]) -> list[str]:
+    """What is missing for ``splits``: the extracted folder or the archive that makes it."""
+    root = Path(root)
+    meta = tv_imagenet.ARCHIVE_META
+    need = []
+    if not (root / tv_imagenet.META_FILE).is_file() and not (root / meta["devkit"][0]).is_file():
+        need.append(f"{meta['devkit'][0]} (or the meta.bin torchvision makes from it)")
+    for split in splits:
+        if not (root / split).is_dir() and not (root / meta[split][0]).is_file():
+            need.append(f"{meta[split][0]} (or the extracted folder {split}/<wnid>/*.JPEG)")
+    return need
+
+
+def imagenet_missing_error(name: str, root: Path, need: Sequence[str]) -> NcdError:
+    return NcdError(
+        f"dataset '{name}' cannot be downloaded: put the ILSVRC2012 files from image-net.org "
+        f"into {root}; missing: " + "; ".join(need))
+
+
+def open_imagenet(root: str | os.PathLike, split: str, name: str = "imagenet") -> Any:
+    """torchvision's ImageNet (extracts the archives on first use and checks their md5)."""
+    root = Path(root)
+    need = imagenet_requirements(root, [split])
+    if need:
+        raise imagenet_missing_error(name, root, need)
+    try:
+        return tvd.ImageNet(str(root), split=split)
+    except RuntimeError as e:
+        for fname, md5 in tv_imagenet.ARCHIVE_META.values():
+            if fname in str(e):
+                raise NcdError(
+                    f"dataset '{name}': checksum mismatch for {root / fname} (expected md5 "
+                    f"{md5}); replace it with the official ILSVRC2012 file") from e
+        raise NcdError(f"dataset '{name}' in {root}: {e}") from e
+
+
+def load_imagenet(root: str | os.PathLike, split: str, transform: Callable | None = None,
+                  subset: int | None = None) -> FileDataset:
+    """ImageNet (or SCAN's ImageNet-``subset``), short side resized to 256 like SCAN's loader."""
+    root = Path(root)
+    if subset is None:
+        ds = open_imagenet(root, split)
+        return FileDataset(ds.samples, ds.wnids, transform, resize=IMAGENET_RESIZE)
+    name = f"imagenet-{subset}"
+    classes = imagenet_subset_classes(subset)
+    if not ((root / tv_imagenet.META_FILE).is_file() and (root / split).is_dir()):
+        open_imagenet(root, split, name)  # first use: parse the archives
+    # Walk only the subset's class folders instead of all 1000.
+    present = {w: i for i, (w, _) in enumerate(classes) if (root / split / w).is_dir()}
+    samples = tv_folder.make_dataset(str(root / split), present, tv_folder.IMG_EXTENSIONS,
+                                     allow_empty=True) if present else []
+    if not samples:
+        raise NcdError(f"dataset '{name}': no images of its classes in {root / split}")
+    if len(present) < len(classes):
+        warnings.warn(f"{name}: {len(classes) - len(present)} of {len(classes)} class folders "
+                      f"are missing in {root / split}", stacklevel=2)
+    return FileDataset(samples, [w for w, _ in classes], transform, resize=IMAGENET_RESIZE)
+
+
+# --------------------------------------------------------------------------------------------
+# imagefolder: the user's own images
+
+
+def imagefolder_split_dir(root: str | os.PathLike, split: str) -> Path:
+    """``root/train`` / ``root/test`` when ``root/train`` exists (test falls back to train),
+    else ``root`` itself for both splits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NcdError(f"dataset 'imagefolder': folder {root} does not exist; put your images "
+                       f"there (class sub-folders for labels, or the images directly)")
+    if (root / "train").is_dir():
+        return root / split if (root / split).is_dir() else root / "train"
+    return root
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def imagefolder_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted union of the class sub-folders of both splits (empty when unlabeled)."""
+    dirs = {imagefolder_split_dir(root, s) for s in ("train", "test")}
+    return sorted(set().union(*(_class_dirs(d) for d in dirs)))
+
+
+def load_imagefolder(root: str | os.PathLike, split: str, transform: Callable | None = None,
+                     image_size: int = 224) -> FileDataset:
+    """Class sub-folders give labels (ImageFolder order); loose images are unlabeled (−1)."""
+    folder = imagefolder_split_dir(root, split)
+    classes = imagefolder_classes(root)
+    if _class_dirs(folder):
+        class_to_idx = {c: i for i, c in enumerate(classes) if (folder / c).is_dir()}
+        samples = tv_folder.make_dataset(str(folder), class_to_idx, tv_folder.IMG_EXTENSIONS,
+                                         allow_empty=True)
+    else:
+        samples = [(str(folder / f), -1) for f in sorted(os.listdir(folder))
+                   if tv_folder.is_image_file(f) and (folder / f).is_file()]
+    if not samples:
+        raise NcdError(f"dataset 'imagefolder': no images in {folder} (extensions: "
+                       + ", ".join(tv_folder.IMG_EXTENSIONS) + ")")
+    return FileDataset(samples, classes, transform, resize=image_size, square=True)
