@@ -162,10 +162,10 @@ class Cutout:
 # --------------------------------------------------------------------------------------------
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "simclr": {"crop_size": None, "crop_scale": (0.2, 1.0), "flip_p": 0.5,
+    "simclr": {"resize": 0, "crop_size": None, "crop_scale": (0.2, 1.0), "flip_p": 0.5,
                "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2},
-    "strong": {"crop_size": None, "flip_p": 0.5, "num_ops": 4, "cutout": None},
-    "val": {"crop_size": None},
+    "strong": {"resize": 0, "crop_size": None, "flip_p": 0.5, "num_ops": 4, "cutout": None},
+    "val": {"resize": 0, "crop_size": None},
 }
 _ALIASES = {"weak": "val"}
 
@@ -175,7 +175,8 @@ def build_transform(kind: str, info: DatasetInfo,
     """SCAN's ``simclr``, ``strong`` or ``val``/``weak`` transform for ``info``'s images.
 
     Overrides (keyword) replace the paper defaults; ``crop_size`` and ``cutout`` default to
-    the dataset's."""
+    the dataset's. ``resize`` (0 = off, the papers' setting) first resizes the short side, for
+    tiny images whose crops would otherwise be too coarse (the crop size then defaults to it)."""
     base = _ALIASES.get(kind, kind)
     if base not in _DEFAULTS:
         raise NcdError(f"unknown transform kind '{kind}'; expected one of: "
@@ -184,12 +185,15 @@ def build_transform(kind: str, info: DatasetInfo,
     if unknown:
         raise NcdError(f"unknown option(s) {', '.join(unknown)} for transform '{kind}'; "
                        f"expected: {', '.join(_DEFAULTS[base])}")
-    o = {**_DEFAULTS[base], "crop_size": info.crop_size, **overrides}
+    o = {**_DEFAULTS[base], **overrides}
+    o["crop_size"] = o["crop_size"] or o["resize"] or info.crop_size
     normalize = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    resize = [T.Resize(o["resize"])] if o["resize"] else []
     if base == "val":
-        return T.Compose([T.CenterCrop(o["crop_size"]), *normalize])
+        return T.Compose([*resize, T.CenterCrop(o["crop_size"]), *normalize])
     if base == "simclr":
         return T.Compose([
+            *resize,
             T.RandomResizedCrop(o["crop_size"], scale=tuple(o["crop_scale"])),
             T.RandomHorizontalFlip(o["flip_p"]),
             T.RandomApply([T.ColorJitter(*o["jitter"])], p=o["jitter_p"]),
@@ -198,6 +202,7 @@ def build_transform(kind: str, info: DatasetInfo,
         ])
     cutout = info.cutout if o["cutout"] is None else o["cutout"]
     return T.Compose([
+        *resize,
         T.RandomHorizontalFlip(o["flip_p"]),
         T.RandomCrop(o["crop_size"]),  # no padding: SCAN's, a no-op at CIFAR/STL size
         RandAugmentOurs(o["num_ops"]),

@@ -1,0 +1,36 @@
+# make run   - create .venv if needed, then run the embedded default end to end (digits, CPU)
+# make test  - create .venv if needed, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SNAKEMAKE := $(BIN)/snakemake
+CORES ?= 2
+
+.PHONY: run test lint dryrun-paper bench clean
+
+# The venv is stale when pyproject.toml changed since it was built.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(SNAKEMAKE) --profile workflow/profiles/default --cores $(CORES)
+	@echo "report: $(CURDIR)/reports/index.html (and reports/README.md)"
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(SNAKEMAKE) --lint
+
+dryrun-paper: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(SNAKEMAKE) -n --configfile workflow/experiments/paper.yaml
+
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/simclr_throughput.py
+
+clean:
+	rm -rf results reports/index.html reports/README.md reports/figures .snakemake

@@ -1,0 +1,24 @@
+# ncd: regenerate the results tables of SCAN, UNO, SeLa, CLD and the two-stage classifier.
+#   snakemake --cores 2                                       # embedded default (config.yaml)
+#   snakemake --profile workflow/profiles/slurm --configfile workflow/experiments/paper.yaml
+from snakemake.utils import min_version
+
+min_version("9.20")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/discover.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{REPORTS}/index.html",
+        f"{REPORTS}/README.md",

@@ -1,0 +1,5 @@
+import sys
+
+from ncd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""The evaluate stage: one model.ckpt in, one metrics.json (rows of the metrics table) out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ncd.checkpoint import load_model, load_state_strict
+from ncd.data import build_dataset, get_info
+from ncd.data.wrappers import Transformed
+from ncd.eval.clustering import hungarian_evaluate
+from ncd.eval.knn import weighted_knn
+from ncd.methods.common import RunContext, collect, inference_device, make_loader
+from ncd.models import model_from_arch
+from ncd.utils import device_description, git_commit, package_versions, write_json_atomic
+
+log = logging.getLogger("ncd")
+
+
+def _clustering_rows(probs: torch.Tensor, targets: torch.Tensor, best: int) -> tuple[list[tuple], dict]:
+    """Per-head metrics rows ``(head, metric, value)`` plus the best head's confusion matrix."""
+    rows, confusion = [], {}
+    for h in range(probs.shape[0]):
+        res = hungarian_evaluate(probs[h].argmax(1), targets, probs[h], return_reordered=True)
+        for m in ("acc", "nmi", "ari", "acc_top5"):
+            rows.append((str(h), m, float(res[m])))
+            if h == best:
+                rows.append(("best", m, float(res[m])))
+        if h == best:
+            confusion = {"head": best, "matrix": np.asarray(res["confusion"]).tolist()}
+    return rows, confusion
+
+
+def evaluate(ctx: RunContext, ckpt: Path, method: str, out: Path) -> list[dict[str, Any]]:
+    """Evaluate ``ckpt`` on the splits of ``evaluate.splits``; write ``out`` (metrics.json)."""
+    t0 = time.time()
+    dataset = ctx.cfg["dataset"]
+    info = get_info(dataset, ctx.data_root)
+    blob = load_model(ckpt)
+    arch, meta = blob["arch"], blob["meta"]
+    splits = ctx.cfg.get("evaluate", {}).get("splits", ["test"])
+    split_names = {"train": info.train_split, "test": info.test_split}
+    device = inference_device(ctx.runtime)
+    bs = int(ctx.cfg.get("evaluate", {}).get("batch_size", 512))
+    kind = arch["kind"]
+    rows: list[tuple[str, str, str, float]] = []   # (split, head, metric, value)
+    confusion: dict[str, Any] = {}
+
+    def loader(split: str):
+        ds = Transformed(build_dataset(dataset, ctx.data_root, split_names[split]), ctx.transform("val", info))
+        return make_loader(ds, bs, ctx, train=False)
+
+    if kind == "kmeans":
+        from ncd.methods.kmeans import pixels
+
+        c = blob["state_dict"]["centroids"].numpy()
+        for split in splits:
+            x, y = pixels(dataset, ctx.data_root, split_names[split], arch["crop_size"])
+            d = (x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None]
+            pred = torch.from_numpy(d.argmin(1))
+            res = hungarian_evaluate(pred, torch.from_numpy(y), return_reordered=True)
+            for m in ("acc", "nmi", "ari"):
+                rows += [(split, "0", m, float(res[m])), (split, "best", m, float(res[m]))]
+            if split == "test":
+                confusion = {"head": 0, "matrix": np.asarray(res["confusion"]).tolist()}
+    else:
+        model = model_from_arch(arch)
+        load_state_strict(model, blob["state_dict"], f"checkpoint {ckpt}")
+        model.to(device).eval()
+        if kind == "contrastive":
+            bank, bank_y = collect(model, loader("train"), device, "embed train")
+            k = int(ctx.cfg.get("evaluate", {}).get("knn_k", 200))
+            for split in splits:
+                feats, y = (bank, bank_y) if split == "train" else collect(model, loader(split), device, f"embed {split}")
+                res = weighted_knn(bank, bank_y, feats, y, info.num_classes, k=min(k, len(bank)),
+                                   sigma=float(ctx.cfg.get("evaluate", {}).get("knn_sigma", 0.1)))
+                rows.append((split, "best", "knn_top1", float(res["top1"])))
+        elif kind == "clustering":
+            best = int(meta.get("best_head", 0))
+            for split in splits:
+                logits, y = collect(model, loader(split), device, f"predict {split}")
+                r, conf = _clustering_rows(torch.softmax(logits, -1), y, best)
+                rows += [(split, *row) for row in r]
+                if split == "test":
+                    confusion = conf
+        else:
+            from ncd.errors import NcdError
+
+            raise NcdError(f"checkpoint {ckpt} has kind {kind!r}; expected kmeans, contrastive or clustering")
+    records = [{"experiment": ctx.experiment, "method": method, "stage": ctx.stage, "dataset": dataset,
+                "split": s, "seed": ctx.seed, "head": h, "metric": m, "value": v} for s, h, m, v in rows]
+    for r in records:
+        if r["head"] == "best":
+            log.info("%s %s %s seed %d %s: %s = %.4f", ctx.experiment, ctx.stage, r["split"], ctx.seed,
+                     r["head"], r["metric"], r["value"])
+    result = {
+        "rows": records,
+        "confusion": {"split": "test", **confusion} if confusion else None,
+        "provenance": {
+            "config_hash": meta.get("config_hash"), "git_commit": git_commit(), "packages": package_versions(),
+            "device": device_description(), "wall_time_s": meta.get("wall_time_s"),
+            "eval_time_s": time.time() - t0,
+        },
+        "meta": meta,
+    }
+    write_json_atomic(out, result)
+    return records

@@ -1,0 +1,17 @@
+"""One LightningModule per method, registered by name; stage runners live beside them."""
+
+from __future__ import annotations
+
+from ncd.methods.registry import EVALUATED_STAGES, METHOD_NAMES
+
+
+def lightning_modules() -> dict:
+    """Name → LightningModule class (imported on demand: Lightning is slow to import)."""
+    from ncd.methods.scan import SCANModule
+    from ncd.methods.selflabel import SelfLabelModule
+    from ncd.methods.simclr import SimCLRModule
+
+    return {"simclr": SimCLRModule, "scan": SCANModule, "selflabel": SelfLabelModule}
+
+
+__all__ = ["EVALUATED_STAGES", "METHOD_NAMES", "lightning_modules"]

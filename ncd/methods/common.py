@@ -1,0 +1,227 @@
+"""What every training stage shares: run context, optimisers, data loaders, the Lightning trainer
+with atomic per-epoch checkpoints and a loss history."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ncd.errors import NcdError
+from ncd.utils import atomic_path, write_text_atomic
+
+log = logging.getLogger("ncd")
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs to know about the run it belongs to."""
+
+    experiment: str
+    seed: int
+    stage: str
+    cfg: dict[str, Any]           # the experiment's config block (dataset, backbone, stage blocks, runtime)
+    data_root: Path
+    out_dir: Path                 # results/{experiment}/seed{seed}/{stage}
+    started: float = field(default_factory=time.time)
+
+    @property
+    def stage_cfg(self) -> dict[str, Any]:
+        return self.cfg.get(self.stage, {})
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        return self.cfg.get("runtime", {})
+
+    def transform(self, kind: str, info, overrides: dict[str, Any] | None = None):
+        """``build_transform`` with the experiment-wide ``transform`` options, then ``overrides``."""
+        from ncd.data import build_transform
+
+        return build_transform(kind, info, **{**self.cfg.get("transform", {}), **(overrides or {})})
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        """Provenance stored in every model.ckpt."""
+        from ncd.utils import config_hash
+
+        return {"experiment": self.experiment, "seed": self.seed, "stage": self.stage,
+                "config_hash": config_hash(self.cfg), "wall_time_s": time.time() - self.started, **extra}
+
+
+def make_loader(ds: Dataset, batch_size: int, ctx: RunContext, train: bool) -> DataLoader:
+    """Train loaders shuffle and drop the last partial batch (as SCAN's code); eval loaders don't."""
+    if train and len(ds) < batch_size:
+        raise NcdError(
+            f"batch_size {batch_size} of stage '{ctx.stage}' is larger than its {len(ds)} training "
+            f"images; expected a batch size of at most {len(ds)}"
+        )
+    workers = int(ctx.runtime.get("num_workers", 0))
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+    )
+
+
+def build_optimizer(params, opt_cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or Adam, from a config block."""
+    name = opt_cfg.get("name", "adam")
+    lr, wd = float(opt_cfg["lr"]), float(opt_cfg.get("weight_decay", 0.0))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(opt_cfg.get("momentum", 0.9)),
+                               weight_decay=wd, nesterov=bool(opt_cfg.get("nesterov", False)))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    raise NcdError(f"unknown optimizer {name!r}; expected 'sgd' or 'adam'")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, sched_cfg: dict[str, Any], epochs: int):
+    """Per-epoch schedule: ``constant`` or SCAN's ``cosine``:
+    lr_e = η_min + (lr − η_min)(1 + cos(π e / E)) / 2 with η_min = lr · eta_min_factor."""
+    name = sched_cfg.get("name", "constant")
+    if name == "constant":
+        return None
+    if name == "cosine":
+        f = float(sched_cfg.get("eta_min_factor", 0.1**3))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: f + (1 - f) * (1 + math.cos(math.pi * e / epochs)) / 2
+        )
+    raise NcdError(f"unknown scheduler {name!r}; expected 'constant' or 'cosine'")
+
+
+class AtomicLastCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` at the end of every epoch through a temp file and a rename, so a
+    killed job resumes from the last complete epoch and never from a torn file."""
+
+    def __init__(self, path: Path, cfg_hash: str) -> None:
+        self.path = Path(path)
+        self.cfg_hash = cfg_hash
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        with atomic_path(self.path) as tmp:
+            trainer.save_checkpoint(tmp)
+        # the sidecar says which config made last.ckpt, so a rerun with other params starts afresh
+        write_text_atomic(_sidecar(self.path), self.cfg_hash + "\n")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".config")
+
+
+class History(L.Callback):
+    """Collects the epoch-level ``train/*`` and ``val/*`` metrics into ``history.csv``
+    and a log line per epoch; its rows travel in last.ckpt so a resumed run keeps its curve."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row = {"epoch": trainer.current_epoch + 1}
+        for k, v in trainer.callback_metrics.items():
+            if k.startswith(("train/", "val/")):
+                row[k.replace("/", "_")] = float(v)
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        if opt is not None:
+            row["lr"] = opt.param_groups[0]["lr"]
+        self.rows.append(row)
+        log.info("epoch %d/%d %s", row["epoch"], trainer.max_epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        self.write()
+
+    def write(self) -> None:
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_text_atomic(self.path, buf.getvalue())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+
+def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, epochs: int,
+        val_loader: DataLoader | None = None) -> L.Trainer:
+    """Train ``module`` for ``epochs`` epochs (validating after each one when ``val_loader`` is
+    given), resuming from ``out_dir/last.ckpt`` if it was written under the same config."""
+    rt = ctx.runtime
+    from ncd.utils import config_hash
+
+    cfg_hash = config_hash(ctx.cfg)
+    last = ctx.out_dir / "last.ckpt"
+    if last.is_file():
+        side = _sidecar(last)
+        if not side.is_file() or side.read_text().strip() != cfg_hash:
+            log.warning("ignoring %s: it was written under another configuration", last)
+            last.unlink()
+    history = History(ctx.out_dir / "history.csv")
+    trainer = L.Trainer(
+        accelerator=rt.get("accelerator", "auto"),
+        devices=rt.get("devices", 1),
+        precision=rt.get("precision", "32-true"),
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[AtomicLastCheckpoint(last, cfg_hash), history],
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if val_loader is not None else 0,
+        deterministic=bool(rt.get("deterministic", False)),
+        benchmark=bool(rt.get("cudnn_benchmark", False)),
+    )
+    ckpt = None
+    if last.is_file():
+        log.info("resuming stage %s from %s", ctx.stage, last)
+        ckpt = str(last)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt,
+                weights_only=False)
+    return trainer
+
+
+def finish(ctx: RunContext) -> None:
+    """Remove the resume checkpoint once model.ckpt is written: it has served its purpose."""
+    last = ctx.out_dir / "last.ckpt"
+    for p in (last, _sidecar(last)):
+        if p.exists():
+            p.unlink()
+
+
+def inference_device(runtime: dict[str, Any]) -> torch.device:
+    """The device eval passes run on: the GPU when the config allows it and one is present."""
+    acc = str(runtime.get("accelerator", "auto"))
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise NcdError(f"runtime.accelerator is {acc!r} but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def collect(fn, loader: DataLoader, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``fn`` over an eval loader of ``(image, target, index)``; return (outputs, targets) on the CPU.
+
+    ``fn`` returns a tensor whose *last but one* dimension is the batch (``[B, d]`` or ``[H, B, K]``).
+    """
+    from tqdm import tqdm
+
+    outs, targets = [], []
+    for x, y, _ in tqdm(loader, desc=desc, leave=False, mininterval=2.0):
+        outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
+        targets.append(torch.as_tensor(y))
+    return torch.cat(outs, dim=-2), torch.cat(targets)

@@ -1,0 +1,44 @@
+"""The floor of every table: k-means on raw pixels."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import functional as TF
+
+from ncd.checkpoint import save_model
+from ncd.data import build_dataset, get_info
+from ncd.methods.common import RunContext
+
+log = logging.getLogger("ncd")
+
+
+def pixels(dataset: str, root: Path, split: str, crop_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images of a split as flat float32 rows in [0, 1] (centre-cropped to ``crop_size``)."""
+    ds = build_dataset(dataset, root, split)
+    rows = []
+    for i in range(len(ds)):
+        img, _ = ds[i]
+        rows.append(TF.to_tensor(TF.center_crop(img, crop_size)).flatten().numpy())
+    return np.stack(rows).astype(np.float32), np.asarray(ds.targets)
+
+
+def run_kmeans(ctx: RunContext, out: Path) -> None:
+    """Fit k-means (scikit-learn, ``n_init`` restarts, seeded) on the train split's pixels."""
+    from sklearn.cluster import KMeans
+
+    sc = ctx.stage_cfg
+    dataset = ctx.cfg["dataset"]
+    info = get_info(dataset, ctx.data_root)
+    x, _ = pixels(dataset, ctx.data_root, info.train_split, info.crop_size)
+    k = int(sc.get("num_clusters") or info.num_classes)
+    log.info("k-means on %s/%s pixels: %d × %d, k=%d", dataset, info.train_split, *x.shape, k)
+    km = KMeans(n_clusters=k, n_init=int(sc.get("n_init", 10)), max_iter=int(sc.get("max_iter", 300)),
+                random_state=ctx.seed).fit(x)
+    arch = {"kind": "kmeans", "backbone": "pixels", "in_channels": info.channels, "num_clusters": k,
+            "crop_size": info.crop_size}
+    save_model(out, {"centroids": torch.from_numpy(km.cluster_centers_.astype(np.float32))}, arch,
+               ctx.meta(best_head=0, inertia=float(km.inertia_)))

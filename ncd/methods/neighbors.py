@@ -1,0 +1,67 @@
+"""Nearest-neighbour mining on the pretext features (SCAN 1.6), with faiss."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncd.checkpoint import load_model, load_state_strict
+from ncd.data import build_dataset, get_info
+from ncd.data.wrappers import Transformed
+from ncd.methods.common import RunContext, collect, inference_device, make_loader
+from ncd.models import model_from_arch
+from ncd.utils import atomic_path
+
+log = logging.getLogger("ncd")
+
+
+def knn_indices(features: np.ndarray, k: int) -> np.ndarray:
+    """Exact inner-product search of every row against all rows: ``[N, k+1]`` indices,
+    normally with the row itself in column 0 (faiss ``IndexFlatIP``, as SCAN)."""
+    import faiss
+
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    _, idx = index.search(x, min(k + 1, len(x)))
+    return idx.astype(np.int64)
+
+
+def neighbor_agreement(indices: np.ndarray, targets: np.ndarray) -> float:
+    """Fraction of the k neighbours (column 0 excluded) whose label equals the anchor's."""
+    targets = np.asarray(targets)
+    return float((targets[indices[:, 1:]] == targets[:, None]).mean())
+
+
+def run_mine(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> dict[str, float]:
+    """Embed train and test splits with the pretext model (val transform), mine neighbours,
+    and write ``out`` (npz with ``train`` [N, k+1] and ``test`` [M, k_val+1])."""
+    sc = ctx.cfg.get("mine", {})
+    dataset = ctx.cfg["dataset"]
+    info = get_info(dataset, ctx.data_root)
+    blob = load_model(pretrain_ckpt, expected={"kind": "contrastive"})
+    model = model_from_arch(blob["arch"])
+    load_state_strict(model, blob["state_dict"], f"pretext checkpoint {pretrain_ckpt}")
+    device = inference_device(ctx.runtime)
+    model.to(device).eval()
+    t = ctx.transform("val", info)
+    result: dict[str, np.ndarray] = {}
+    stats: dict[str, float] = {}
+    for name, split, k in (("train", info.train_split, int(sc.get("topk", 20))),
+                           ("test", info.test_split, int(sc.get("topk_val", 5)))):
+        ds = Transformed(build_dataset(dataset, ctx.data_root, split), t)
+        loader = make_loader(ds, int(sc.get("batch_size", 256)), ctx, train=False)
+        feats, targets = collect(model, loader, device, f"embed {split}")
+        idx = knn_indices(feats.numpy(), k)
+        result[name] = idx
+        labelled = targets.numpy() >= 0
+        if labelled.all():
+            stats[f"{name}_agreement"] = neighbor_agreement(idx, targets.numpy())
+            log.info("neighbour label agreement on %s (top-%d): %.2f%%", split, k, 100 * stats[f"{name}_agreement"])
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **result)
+    return stats

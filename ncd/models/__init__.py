@@ -1,0 +1,59 @@
+"""Backbones (torchvision, timm, SCAN's small-image ResNets, a small CNN) and heads."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ncd.errors import NcdError
+from ncd.models.heads import ClusteringModel, ContrastiveModel
+from ncd.models.resnet import ResNetSmallImages
+from ncd.models.small import SmallCNN
+
+BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet18", "resnet50", "timm:<name>")
+
+
+def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **kwargs) -> tuple[nn.Module, int]:
+    """Return ``(backbone, feature_dim)``; the backbone maps images to flat features.
+
+    ``resnet18_cifar`` / ``resnet18_stl``: SCAN's ResNet-18 variants (1.2); ``resnet18`` /
+    ``resnet50``: torchvision with ``fc = Identity``; ``small_cnn``: the CPU default;
+    ``timm:<model>``: any timm model by name, classifier removed.
+    """
+    if name == "small_cnn":
+        m = SmallCNN(in_channels, width=int(kwargs.get("width", 64)), pool=int(kwargs.get("pool", 2)))
+        return m, m.out_dim
+    if name in ("resnet18_cifar", "resnet18_stl"):
+        return ResNetSmallImages(in_channels=in_channels, stem=name.split("_")[1]), 512
+    if name in ("resnet18", "resnet50"):
+        import torchvision
+
+        weights = "DEFAULT" if pretrained else None
+        m = getattr(torchvision.models, name)(weights=weights)
+        if in_channels != 3:
+            m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        dim = m.fc.in_features
+        m.fc = nn.Identity()
+        return m, dim
+    if name.startswith("timm:"):
+        import timm
+
+        try:
+            m = timm.create_model(name[5:], pretrained=pretrained, num_classes=0, in_chans=in_channels)
+        except RuntimeError as e:  # timm raises RuntimeError for unknown models
+            raise NcdError(f"unknown timm backbone {name[5:]!r}: {e}") from e
+        return m, m.num_features
+    raise NcdError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+
+
+__all__ = ["BACKBONES", "build_backbone", "model_from_arch", "ClusteringModel", "ContrastiveModel", "ResNetSmallImages", "SmallCNN"]
+
+
+def model_from_arch(arch: dict) -> nn.Module:
+    """Rebuild the (untrained) model a checkpoint's ``arch`` block describes."""
+    backbone, dim = build_backbone(arch["backbone"], arch["in_channels"], **arch.get("backbone_kwargs", {}))
+    kind = arch["kind"]
+    if kind == "contrastive":
+        return ContrastiveModel(backbone, dim, head=arch.get("head", "mlp"), features_dim=arch.get("features_dim", 128))
+    if kind == "clustering":
+        return ClusteringModel(backbone, dim, arch["num_clusters"], arch.get("num_heads", 1))
+    raise NcdError(f"checkpoint architecture kind {kind!r} has no model; expected 'contrastive' or 'clustering'")

@@ -1,0 +1,18 @@
+localrules:
+    prepare_dataset,
+
+
+rule prepare_dataset:
+    """Download a dataset with its checksums (or check a manual one) and mark it READY."""
+    output:
+        ready=f"{DATA}/{{dataset}}/READY",
+    params:
+        download="--download" if config["download"] else "--no-download",
+    log:
+        f"{RESULTS}/logs/prepare_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
+    container: config["container"]
+    shell:
+        "python -m ncd prepare --dataset {wildcards.dataset} --root {DATA}/{wildcards.dataset} "
+        "{params.download} --log {log}"

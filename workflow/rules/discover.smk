@@ -1,0 +1,66 @@
+rule scan:
+    """SCAN clustering on the mined neighbours; keeps the head with the lowest validation loss."""
+    input:
+        ready=ready_marker,
+        pretrain=f"{RUN}/pretrain/model.ckpt",
+        neighbors=f"{RUN}/pretrain/neighbors.npz",
+    output:
+        model=f"{RUN}/scan/model.ckpt",
+    params:
+        cfg=exp_json,
+        root=data_root,
+    log:
+        f"{RESULTS}/logs/scan/{{exp}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/scan/{{exp}}_seed{{seed}}.tsv"
+    threads: threads_of
+    resources:
+        gpu=gpus_of,
+    container: config["container"]
+    shell:
+        "python -m ncd scan --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+        "--data-root {params.root} --pretrain {input.pretrain} --neighbors {input.neighbors} "
+        "--out {output.model} --log {log} --threads {threads}"
+
+
+rule selflabel:
+    """Self-labeling from the selected SCAN head."""
+    input:
+        ready=ready_marker,
+        scan=f"{RUN}/scan/model.ckpt",
+    output:
+        model=f"{RUN}/selflabel/model.ckpt",
+    params:
+        cfg=exp_json,
+        root=data_root,
+    log:
+        f"{RESULTS}/logs/selflabel/{{exp}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/selflabel/{{exp}}_seed{{seed}}.tsv"
+    threads: threads_of
+    resources:
+        gpu=gpus_of,
+    container: config["container"]
+    shell:
+        "python -m ncd selflabel --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+        "--data-root {params.root} --scan {input.scan} --out {output.model} --log {log} --threads {threads}"
+
+
+rule kmeans:
+    """The baseline: k-means on raw pixels."""
+    input:
+        ready=ready_marker,
+    output:
+        model=f"{RUN}/cluster/model.ckpt",
+    params:
+        cfg=exp_json,
+        root=data_root,
+    log:
+        f"{RESULTS}/logs/kmeans/{{exp}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/kmeans/{{exp}}_seed{{seed}}.tsv"
+    threads: threads_of
+    container: config["container"]
+    shell:
+        "python -m ncd kmeans --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+        "--data-root {params.root} --out {output.model} --log {log} --threads {threads}"

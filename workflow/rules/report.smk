@@ -1,0 +1,24 @@
+localrules:
+    report,
+
+
+rule report:
+    """Reported vs reproduced tables, confusion matrices, loss curves and provenance."""
+    input:
+        table=f"{RESULTS}/metrics.csv",
+        reported="reports/reported.yaml",
+    output:
+        html=f"{REPORTS}/index.html",
+        readme=f"{REPORTS}/README.md",
+    params:
+        experiments=lambda wc: shlex.quote(json.dumps({e: exp_cfg(e) for e in EXPERIMENTS}, sort_keys=True)),
+        results=RESULTS,
+        out=REPORTS,
+    log:
+        f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/all.tsv"
+    container: config["container"]
+    shell:
+        "python -m ncd report --metrics {input.table} --reported {input.reported} --results {params.results} "
+        "--benchmarks {params.results}/benchmarks --experiments {params.experiments} --out {params.out} --log {log}"
