@@ -11,10 +11,6 @@ import torch
 from ncd.errors import NcdError
 from ncd.utils import atomic_path
 
-# Keys of ``arch`` that must agree between a checkpoint and the model it is loaded into.
-ARCH_KEYS = ("backbone", "in_channels")
-
-
 def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], arch: dict[str, Any],
                meta: dict[str, Any] | None = None) -> None:
     """Write ``{"arch", "state_dict", "meta"}`` to ``path`` atomically (temp file + rename).
@@ -59,7 +55,10 @@ def load_model(path: str | os.PathLike, expected: dict[str, Any] | None = None) 
 
 def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict`` that fails loudly: SCAN users lost weeks to silently missing keys."""
-    result = module.load_state_dict(state_dict, strict=False)
+    try:
+        result = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise NcdError(f"{what} does not fit the model: {e}") from e
     problems = []
     if result.missing_keys:
         problems.append(f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[:3]})")

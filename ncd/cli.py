@@ -36,7 +36,10 @@ def _setup_logging(log_file: str | None) -> None:
 def _json_arg(text: str) -> dict[str, Any]:
     """A JSON object given inline or as ``@file``."""
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as e:
+            raise NcdError(f"--config file {text[1:]} cannot be read ({e.strerror}); expected a JSON file") from e
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

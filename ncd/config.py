@@ -79,7 +79,13 @@ def check_class_split(name: str, exp: dict[str, Any]) -> None:
         return
     from ncd.data import get_info
 
-    n = get_info(exp["dataset"]).num_classes
+    if exp["dataset"] == "imagefolder":
+        folder = exp.get("data_path")
+        if not folder or not Path(folder).is_dir():
+            return  # a user's folder: its classes can only be counted once it is there
+        n = get_info("imagefolder", folder).num_classes
+    else:
+        n = get_info(exp["dataset"]).num_classes
     known, novel = list(split.get("known", [])), list(split.get("novel", []))
     everything = set(range(n))
     bad = sorted(c for c in known + novel if c not in everything)

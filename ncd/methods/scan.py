@@ -113,7 +113,8 @@ def run_scan(ctx: RunContext, pretrain_ckpt: Path, neighbors: Path, out: Path) -
     sc = ctx.stage_cfg
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
-    pre = load_model(pretrain_ckpt, expected={"kind": "contrastive", "backbone": ctx.cfg["backbone"]})
+    pre = load_model(pretrain_ckpt, expected={"kind": "contrastive", "backbone": ctx.cfg["backbone"],
+                                              "in_channels": info.channels})
     arch = pre["arch"]
     backbone, dim = build_backbone(arch["backbone"], arch["in_channels"], **arch.get("backbone_kwargs", {}))
     load_state_strict(backbone, {k[len("backbone."):]: v for k, v in pre["state_dict"].items()

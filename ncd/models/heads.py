@@ -46,6 +46,10 @@ class ClusteringModel(nn.Module):
 
     def forward(self, x: torch.Tensor, forward_pass: str = "default") -> torch.Tensor:
         """Logits ``[H, B, K]``; ``forward_pass="backbone"`` returns the features instead."""
+        if forward_pass not in ("default", "backbone", "head"):
+            from ncd.errors import NcdError
+
+            raise NcdError(f"unknown forward_pass {forward_pass!r}; expected 'default', 'backbone' or 'head'")
         if forward_pass == "head":
             feats = x
         else:
