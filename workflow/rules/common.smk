@@ -1,5 +1,6 @@
 # Helpers and target lists; no rules here.
 import json
+import os
 import shlex
 
 from ncd.config import resolve_experiment, selected_experiments, validate

@@ -7,6 +7,7 @@ rule prepare_dataset:
     output:
         ready=f"{DATA}/{{dataset}}/READY",
     params:
+        root=lambda wildcards, output: os.path.dirname(output.ready),
         download="--download" if config["download"] else "--no-download",
     log:
         f"{RESULTS}/logs/prepare_dataset/{{dataset}}.log",
@@ -14,5 +15,5 @@ rule prepare_dataset:
         f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
     container: config["container"]
     shell:
-        "python -m ncd prepare --dataset {wildcards.dataset} --root {DATA}/{wildcards.dataset} "
+        "python -m ncd prepare --dataset {wildcards.dataset} --root {params.root} "
         "{params.download} --log {log}"

@@ -12,8 +12,8 @@ rule report:
         readme=f"{REPORTS}/README.md",
     params:
         experiments=lambda wc: shlex.quote(json.dumps({e: exp_cfg(e) for e in EXPERIMENTS}, sort_keys=True)),
-        results=RESULTS,
-        out=REPORTS,
+        results=lambda wildcards, input: os.path.dirname(input.table),
+        out=lambda wildcards, output: os.path.dirname(output.html),
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
