@@ -178,7 +178,7 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[AtomicLastCheckpoint(last, cfg_hash), history],
+        callbacks=[history, AtomicLastCheckpoint(last, cfg_hash)],  # history first: its rows go into the checkpoint
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_loader is not None else 0,

@@ -1,0 +1,78 @@
+"""A training stage killed mid-run resumes from its last complete epoch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ncd.config import load_config, resolve_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cmd(tmp: Path, cfg: dict) -> list[str]:
+    return [sys.executable, "-m", "ncd", "pretrain", "--experiment", "scan_digits", "--seed", "0",
+            "--config", json.dumps(cfg), "--data-root", str(tmp / "digits"),
+            "--out", str(tmp / "run/pretrain/model.ckpt"), "--log", str(tmp / "pretrain.log"), "--threads", "1"]
+
+
+def _cfg(epochs: int) -> dict:
+    cfg = resolve_experiment(load_config([ROOT / "config.yaml"]), "scan_digits")
+    cfg["backbone_kwargs"] = {"width": 8, "pool": 2}
+    cfg["pretrain"].update(epochs=epochs, batch_size=256)
+    return cfg
+
+
+@pytest.mark.timeout(300)
+def test_killed_pretrain_resumes_from_last_checkpoint(tmp_path):
+    cfg = _cfg(25)
+    last = tmp_path / "run/pretrain/last.ckpt"
+    proc = subprocess.Popen(_cmd(tmp_path, cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    epoch = 0
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():
+            try:
+                epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+            except Exception:  # noqa: BLE001 - a reader may race the rename; try again
+                pass
+            if epoch >= 3:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert epoch >= 3
+    assert not (tmp_path / "run/pretrain/model.ckpt").exists()  # no output from a killed run
+    assert not list((tmp_path / "run/pretrain").glob(".*.tmp"))  # and no torn temp file under a final name
+
+    r = subprocess.run(_cmd(tmp_path, cfg), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (tmp_path / "pretrain.log").read_text()
+    assert "resuming stage pretrain" in log
+    assert "epoch 1/25 " not in log  # the finished epochs were not trained again
+    rows = list(csv.DictReader((tmp_path / "run/pretrain/history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 26))  # one continuous curve
+    blob = torch.load(tmp_path / "run/pretrain/model.ckpt", weights_only=True)
+    assert blob["arch"]["kind"] == "contrastive"
+    assert not last.exists()
+
+
+@pytest.mark.timeout(300)
+def test_last_checkpoint_of_another_config_is_not_resumed(tmp_path):
+    out = tmp_path / "run/pretrain"
+    out.mkdir(parents=True)
+    (out / "last.ckpt").write_bytes(b"stale")
+    (out / "last.ckpt.config").write_text("0123456789ab\n")
+    r = subprocess.run(_cmd(tmp_path, _cfg(1)), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "written under another configuration" in (tmp_path / "pretrain.log").read_text()
+    assert (out / "model.ckpt").is_file()

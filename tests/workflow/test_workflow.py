@@ -1,0 +1,121 @@
+"""The workflow itself: its DAG for both configurations, lint, bad config, and a real tiny run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run."""
+    counts = {}
+    for m in re.finditer(r"^([a-z_]+)\s+(\d+)$", out, re.M):
+        counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def dirs(tmp: Path) -> list[str]:
+    return ["--config", f"results_dir={tmp}/results", f"data_dir={tmp}/data", f"reports_dir={tmp}/reports"]
+
+
+def test_embedded_dag(tmp_path):
+    r = snakemake("-n", "--cores", "1", *dirs(tmp_path))
+    assert r.returncode == 0, r.stderr
+    c = job_counts(r.stdout + r.stderr)
+    # 3 seeds: kmeans, and SCAN's pretrain -> mine -> scan -> selflabel; 4 evaluated stages per seed
+    assert c["prepare_dataset"] == 1
+    for rule in ("kmeans", "pretrain", "mine_neighbors", "scan", "selflabel"):
+        assert c[rule] == 3, (rule, c)
+    assert c["evaluate"] == 12
+    assert c["aggregate"] == c["report"] == c["all"] == 1
+
+
+def test_paper_dag_without_data(tmp_path):
+    r = snakemake("-n", "--cores", "1", "--configfile", "workflow/experiments/paper.yaml", *dirs(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    c = job_counts(out)
+    # CIFAR-10, CIFAR-100-20, STL-10 (5 seeds) and ImageNet-50/100/200 (3 seeds); all subsets share one ImageNet folder
+    assert c["pretrain"] == 3 * 5 + 3 * 3
+    assert c["scan"] == c["selflabel"] == c["mine_neighbors"] == 24
+    assert c["kmeans"] == 15
+    assert c["prepare_dataset"] == 4
+    assert f"{tmp_path}/data/imagenet/READY" in out
+    assert "scan_digits" not in out  # run_experiments keeps config.yaml's experiments out
+
+
+def test_lint_is_clean():
+    r = snakemake("--lint")
+    assert r.returncode == 0
+    assert "Congratulations, your workflow is in a good condition!" in r.stdout + r.stderr
+
+
+def test_unknown_config_key_stops_the_workflow(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"experiments": {"scan_digits": {"scan": {"lrr": 0.1}}}}))
+    r = snakemake("-n", "--cores", "1", "--configfile", str(bad), *dirs(tmp_path))
+    assert r.returncode != 0
+    assert "unknown config key 'lrr' in experiments.scan_digits.scan" in r.stdout + r.stderr
+
+
+TINY = {
+    "seeds": [0],
+    "runtime": {"accelerator": "cpu", "threads": 1},
+    "experiments": {
+        "kmeans_digits": {"method": "kmeans", "dataset": "digits", "cluster": {"n_init": 1}},
+        "scan_digits": {
+            "method": "scan", "dataset": "digits", "backbone": "small_cnn",
+            "backbone_kwargs": {"width": 8, "pool": 2},
+            "pretrain": {"epochs": 2, "batch_size": 256, "features_dim": 16},
+            "scan": {"epochs": 2, "batch_size": 256, "num_heads": 2},
+            "selflabel": {"epochs": 1, "batch_size": 256, "confidence_threshold": 0.5},
+        },
+    },
+}
+
+
+@pytest.mark.timeout(600)
+def test_real_end_to_end_run(tmp_path):
+    """The whole DAG on digits with a few epochs: outputs, metrics table, report, then nothing to redo."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    r = snakemake("--cores", "2", "--configfile", str(cfg), *dirs(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = tmp_path / "results"
+    for stage in ("pretrain", "scan", "selflabel"):
+        blob = torch.load(res / f"scan_digits/seed0/{stage}/model.ckpt", weights_only=True)
+        assert blob["arch"]["backbone"] == "small_cnn"
+        assert not (res / f"scan_digits/seed0/{stage}/last.ckpt").exists()  # removed once done
+        assert (res / f"logs/{stage}/scan_digits_seed0.log").read_text().strip()
+        assert (res / f"benchmarks/{stage}/scan_digits_seed0.tsv").is_file()
+    assert (res / "scan_digits/seed0/pretrain/neighbors.npz").is_file()
+    rows = list(csv.DictReader((res / "metrics.csv").open()))
+    assert list(rows[0]) == ["experiment", "method", "stage", "dataset", "split", "seed", "head", "metric", "value"]
+    best = {(r["experiment"], r["stage"], r["metric"]): float(r["value"]) for r in rows if r["head"] == "best"}
+    assert 0.6 < best[("kmeans_digits", "cluster", "acc")] < 0.9
+    for key in [("scan_digits", "scan", "acc"), ("scan_digits", "selflabel", "acc"), ("scan_digits", "pretrain", "knn_top1")]:
+        assert 0.0 <= best[key] <= 1.0
+    assert {r["head"] for r in rows if r["stage"] == "scan"} == {"0", "1", "best"}
+    readme = (tmp_path / "reports/README.md").read_text()
+    assert "scan_digits" in readme and "kmeans_digits" in readme
+    assert (tmp_path / "reports/index.html").is_file()
+    assert list((tmp_path / "reports/figures").glob("confusion_scan_digits_selflabel.png"))
+    r = snakemake("-n", "--cores", "2", "--configfile", str(cfg), *dirs(tmp_path))
+    assert "Nothing to be done" in r.stdout + r.stderr
