@@ -8,6 +8,8 @@ expected md5 and the fix, instead of torchvision's generic "not found or corrupt
 
 from __future__ import annotations
 
+import abc
+
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,7 +32,7 @@ from ncd.errors import NcdError
 # Dataset classes
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset, abc.ABC):
     """Base class: ``targets`` (int64), ``classes``, optional ``transform``; ``_image(i)`` loads."""
 
     def __init__(self, targets: Sequence[int] | np.ndarray, classes: Sequence[str],
@@ -42,8 +44,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    @abc.abstractmethod
     def _image(self, index: int) -> Image.Image:
-        raise NotImplementedError
+        """Decode image ``index`` (each dataset kind knows its storage)."""
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img = self._image(index)
