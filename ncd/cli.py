@@ -43,7 +43,7 @@ def _json_arg(text: str) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise NcdError(f"--config is not valid JSON ({e}); expected the experiment's config block as a JSON object")
+        raise NcdError(f"--config is not valid JSON ({e}); expected the experiment's config block as a JSON object") from e
     if not isinstance(obj, dict):
         raise NcdError(f"--config must be a JSON object, got {type(obj).__name__}")
     return obj

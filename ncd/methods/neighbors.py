@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ncd.checkpoint import load_model, load_state_strict
 from ncd.data import build_dataset, get_info
