@@ -18,9 +18,11 @@ log = logging.getLogger("ncd")
 
 def pixels(dataset: str, root: Path, split: str, crop_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Images of a split as flat float32 rows in [0, 1] (centre-cropped to ``crop_size``)."""
+    from tqdm import tqdm
+
     ds = build_dataset(dataset, root, split)
     rows = []
-    for i in range(len(ds)):
+    for i in tqdm(range(len(ds)), desc=f"read {split} pixels", mininterval=2.0, leave=False):
         img, _ = ds[i]
         rows.append(TF.to_tensor(TF.center_crop(img, crop_size)).flatten().numpy())
     return np.stack(rows).astype(np.float32), np.asarray(ds.targets)
