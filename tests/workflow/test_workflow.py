@@ -119,3 +119,20 @@ def test_real_end_to_end_run(tmp_path):
     assert list((tmp_path / "reports/figures").glob("confusion_scan_digits_selflabel.png"))
     r = snakemake("-n", "--cores", "2", "--configfile", str(cfg), *dirs(tmp_path))
     assert "Nothing to be done" in r.stdout + r.stderr
+
+
+def test_adding_a_seed_does_not_rerun_existing_runs(tmp_path):
+    """Stage commands do not receive the seed list, so their params stay the same."""
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump({**TINY, "seeds": [0]}))
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump({**TINY, "seeds": [0, 1]}))
+    show = ("-n", "--cores", "1", "--printshellcmds", *dirs(tmp_path))
+    def cmds(cfg: Path) -> set[str]:
+        r = snakemake(*show, "--configfile", str(cfg))
+        return {line[line.index("python -m ncd pretrain"):] for line in (r.stdout + r.stderr).splitlines()
+                if "python -m ncd pretrain" in line}
+
+    first, second = cmds(one), cmds(two)
+    assert len(first) == 1 and len(second) == 2
+    assert first < second  # seed 0's command is unchanged

@@ -28,9 +28,15 @@ def exp_cfg(exp):
     return resolve_experiment(config, exp)
 
 
+# Keys that do not change what a stage computes: left out of its --config, so that adding a
+# seed or renaming a report variant does not rerun every existing run.
+NOT_FOR_STAGES = ("seeds", "variant")
+
+
 def exp_json(wildcards):
     """The experiment block as a shell-quoted JSON argument; a change reruns the rule."""
-    return shlex.quote(json.dumps(exp_cfg(wildcards.exp), sort_keys=True))
+    cfg = {k: v for k, v in exp_cfg(wildcards.exp).items() if k not in NOT_FOR_STAGES}
+    return shlex.quote(json.dumps(cfg, sort_keys=True))
 
 
 def data_key(dataset):
