@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ncd.errors import NcdError
+from ncd.losses._checks import check_tensor as _check_tensor
 
 __all__ = ["simclr_loss", "scan_loss", "confidence_ce", "EmptyMaskError", "EPS"]
 
@@ -27,15 +28,6 @@ class EmptyMaskError(NcdError, ValueError):
     A ``ValueError`` with the official message (so code written against the official
     ``MaskedCrossEntropyLoss`` keeps working) and an :class:`~ncd.errors.NcdError`.
     """
-
-
-def _check_tensor(x: Tensor, name: str, ndim: int) -> None:
-    if not isinstance(x, Tensor):
-        raise NcdError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise NcdError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise NcdError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def simclr_loss(features: Tensor, temperature: float = 0.1) -> Tensor:

@@ -15,17 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ncd.errors import NcdError
+from ncd.losses._checks import check_tensor as _check_tensor
 
 __all__ = ["sinkhorn_knopp", "swapped_prediction", "uno_loss"]
-
-
-def _check_tensor(x: Tensor, name: str, ndim: int) -> None:
-    if not isinstance(x, Tensor):
-        raise NcdError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise NcdError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise NcdError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def _check_positive(value: float, name: str) -> None:
