@@ -106,6 +106,20 @@ def cmd_selflabel(args: argparse.Namespace) -> None:
     run_selflabel(_context(args, "selflabel"), Path(args.scan), Path(args.out))
 
 
+def cmd_pretrain_supervised(args: argparse.Namespace) -> None:
+    """UNO's supervised pretraining on the known classes → model.ckpt."""
+    from ncd.methods.uno import run_pretrain_supervised
+
+    run_pretrain_supervised(_context(args, "pretrain_supervised"), Path(args.out))
+
+
+def cmd_discover(args: argparse.Namespace) -> None:
+    """UNO's discovery of the novel classes from a supervised checkpoint → model.ckpt."""
+    from ncd.methods.uno import run_discover
+
+    run_discover(_context(args, "discover"), Path(args.pretrain), Path(args.out))
+
+
 def cmd_kmeans(args: argparse.Namespace) -> None:
     """k-means on raw pixels (the baseline) → model.ckpt."""
     from ncd.methods.kmeans import run_kmeans
@@ -188,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbors", required=True, help="neighbors.npz from 'mine'")
     add("selflabel", cmd_selflabel).add_argument("--scan", required=True, help="SCAN model.ckpt")
     add("kmeans", cmd_kmeans)
+    add("pretrain-supervised", cmd_pretrain_supervised)
+    add("discover", cmd_discover).add_argument("--pretrain", required=True, help="supervised model.ckpt")
     p = add("evaluate", cmd_evaluate)
     p.add_argument("--ckpt", required=True, help="model.ckpt to evaluate")
     p.add_argument("--method", required=True, help="method name for the metrics table")

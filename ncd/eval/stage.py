@@ -36,6 +36,62 @@ def _clustering_rows(probs: torch.Tensor, targets: torch.Tensor, best: int) -> t
     return rows, confusion
 
 
+@torch.no_grad()
+def _uno_outputs(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tqdm import tqdm
+
+    lab, unlab, ys = [], [], []
+    for x, y, _ in tqdm(loader, desc="predict", leave=False, mininterval=2.0):
+        o = model(x.to(device))
+        lab.append(o["logits_lab"].float().cpu())
+        unlab.append(o["logits_unlab"].float().cpu())
+        ys.append(torch.as_tensor(y))
+    return torch.cat(lab), torch.cat(unlab, dim=1), torch.cat(ys)
+
+
+def _uno_rows(ctx: RunContext, model, info, meta: dict, device, bs: int) -> tuple[list[tuple], dict]:
+    """UNO's three protocols (METHODS 3.6): task-aware and task-agnostic clustering accuracy on the
+    novel classes of the train and test splits (per head, ``avg`` and ``best``), and accuracy on
+    the known test classes."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from ncd.eval.clustering import cluster_acc
+    from ncd.methods.uno import Relabeled, resolve_split
+
+    known, novel = resolve_split(ctx.cfg, ctx.data_root)
+    nlc, best = len(known), int(meta.get("best_head", 0))
+    from ncd.data.uno import build_uno_transform
+
+    t = build_uno_transform("eval", info)
+    rows, confusion = [], {}
+    for name, split, classes in (("train-novel", info.train_split, "novel"), ("test-novel", info.test_split, "novel"),
+                                 ("test-known", info.test_split, "known")):
+        ds = Relabeled(build_dataset(ctx.cfg["dataset"], ctx.data_root, split), known, novel, [t], classes=classes)
+        lab, unlab, y = _uno_outputs(model, make_loader(ds, bs, ctx, train=False), device)
+        if classes == "known":
+            rows.append((name, "best", "acc", float((lab.argmax(1) == y).float().mean())))
+            agnostic = torch.cat([lab, unlab[best]], dim=1).argmax(1)
+            rows.append((name, "best", "acc_agnostic", float((agnostic == y).float().mean())))
+            continue
+        target = (y - y.min()).numpy()  # UNO shifts the novel targets by their minimum
+        per_head: dict[str, list[float]] = {"acc": [], "acc_agnostic": [], "nmi": [], "ari": []}
+        for h in range(unlab.shape[0]):
+            aware = unlab[h].argmax(1).numpy()
+            agnostic = torch.cat([lab, unlab[h]], dim=1).argmax(1).numpy()
+            vals = {"acc": cluster_acc(target, aware), "acc_agnostic": cluster_acc(target, agnostic),
+                    "nmi": normalized_mutual_info_score(target, aware), "ari": adjusted_rand_score(target, aware)}
+            for m, v in vals.items():
+                per_head[m].append(float(v))
+                rows.append((name, str(h), m, float(v)))
+                if h == best:
+                    rows.append((name, "best", m, float(v)))
+            if h == best and name == "test-novel":
+                res = hungarian_evaluate(torch.from_numpy(aware), torch.from_numpy(target), return_reordered=True)
+                confusion = {"head": best, "matrix": np.asarray(res["confusion"]).tolist()}
+        rows += [(name, "avg", m, float(np.mean(v))) for m, v in per_head.items()]
+    return rows, confusion
+
+
 def evaluate(ctx: RunContext, ckpt: Path, method: str, out: Path) -> list[dict[str, Any]]:
     """Evaluate ``ckpt`` on the splits of ``evaluate.splits``; write ``out`` (metrics.json)."""
     t0 = time.time()
@@ -88,10 +144,13 @@ def evaluate(ctx: RunContext, ckpt: Path, method: str, out: Path) -> list[dict[s
                 rows += [(split, *row) for row in r]
                 if split == "test":
                     confusion = conf
+        elif kind == "uno":
+            uno_rows, confusion = _uno_rows(ctx, model, info, meta, device, bs)
+            rows += uno_rows
         else:
             from ncd.errors import NcdError
 
-            raise NcdError(f"checkpoint {ckpt} has kind {kind!r}; expected kmeans, contrastive or clustering")
+            raise NcdError(f"checkpoint {ckpt} has kind {kind!r}; expected kmeans, contrastive, clustering or uno")
     records = [{"experiment": ctx.experiment, "method": method, "stage": ctx.stage, "dataset": dataset,
                 "split": s, "seed": ctx.seed, "head": h, "metric": m, "value": v} for s, h, m, v in rows]
     for r in records:

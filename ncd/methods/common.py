@@ -93,7 +93,20 @@ def build_scheduler(opt: torch.optim.Optimizer, sched_cfg: dict[str, Any], epoch
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda e: f + (1 - f) * (1 + math.cos(math.pi * e / epochs)) / 2
         )
-    raise NcdError(f"unknown scheduler {name!r}; expected 'constant' or 'cosine'")
+    if name == "warmup_cosine":
+        # pl_bolts' LinearWarmupCosineAnnealingLR per epoch (UNO 3.5): linear from min_lr to lr over
+        # the warmup epochs, then cosine down to min_lr at the last epoch
+        base = opt.param_groups[0]["lr"]
+        lo = float(sched_cfg.get("min_lr", 0.001)) / base
+        warm = int(sched_cfg.get("warmup_epochs", 10))
+
+        def factor(e: int) -> float:
+            if e < warm:
+                return lo + e * (1 - lo) / max(1, warm - 1)
+            return lo + 0.5 * (1 - lo) * (1 + math.cos(math.pi * (e - warm) / max(1, epochs - warm)))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    raise NcdError(f"unknown scheduler {name!r}; expected 'constant', 'cosine' or 'warmup_cosine'")
 
 
 class AtomicLastCheckpoint(L.Callback):
@@ -173,6 +186,8 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
     trainer = L.Trainer(
         accelerator=rt.get("accelerator", "auto"),
         devices=rt.get("devices", 1),
+        # several devices: DDP with synchronised BatchNorm, as UNO's multi-GPU runs
+        **({"strategy": "ddp", "sync_batchnorm": True} if int(rt.get("devices", 1)) > 1 else {}),
         precision=rt.get("precision", "32-true"),
         max_epochs=epochs,
         logger=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 EVALUATED_STAGES: dict[str, tuple[str, ...]] = {
     "kmeans": ("cluster",),
     "scan": ("pretrain", "scan", "selflabel"),
+    "uno": ("discover",),
 }
 
 METHOD_NAMES = tuple(EVALUATED_STAGES)

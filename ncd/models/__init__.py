@@ -9,7 +9,7 @@ from ncd.models.heads import ClusteringModel, ContrastiveModel
 from ncd.models.resnet import ResNetSmallImages
 from ncd.models.small import SmallCNN
 
-BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet18", "resnet50", "timm:<name>")
+BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet18_lowres", "resnet18", "resnet50", "timm:<name>")
 
 
 def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **kwargs) -> tuple[nn.Module, int]:
@@ -22,6 +22,21 @@ def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **
     if name == "small_cnn":
         m = SmallCNN(in_channels, width=int(kwargs.get("width", 64)), pool=int(kwargs.get("pool", 2)))
         return m, m.out_dim
+    if name == "resnet18_lowres":
+        # UNO's CIFAR encoder: torchvision ResNet-18, 3×3 stride-1 stem, no max-pool, re-initialised
+        import torchvision
+
+        m = torchvision.models.resnet18()
+        m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        m.maxpool = nn.Identity()
+        m.fc = nn.Identity()
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(mod.weight, 1)
+                nn.init.constant_(mod.bias, 0)
+        return m, 512
     if name in ("resnet18_cifar", "resnet18_stl"):
         return ResNetSmallImages(in_channels=in_channels, stem=name.split("_")[1]), 512
     if name in ("resnet18", "resnet50"):
@@ -56,4 +71,9 @@ def model_from_arch(arch: dict) -> nn.Module:
         return ContrastiveModel(backbone, dim, head=arch.get("head", "mlp"), features_dim=arch.get("features_dim", 128))
     if kind == "clustering":
         return ClusteringModel(backbone, dim, arch["num_clusters"], arch.get("num_heads", 1))
-    raise NcdError(f"checkpoint architecture kind {kind!r} has no model; expected 'contrastive' or 'clustering'")
+    if kind == "uno":
+        from ncd.models.uno import MultiHeadModel
+
+        return MultiHeadModel(backbone, dim, arch["num_labeled"], arch.get("num_unlabeled", 0), arch.get("num_heads", 0),
+                              arch.get("overcluster_factor", 3), arch.get("hidden_dim", 2048), arch.get("proj_dim", 256))
+    raise NcdError(f"checkpoint architecture kind {kind!r} has no model; expected 'contrastive', 'clustering' or 'uno'")

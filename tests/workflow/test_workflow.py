@@ -41,9 +41,9 @@ def test_embedded_dag(tmp_path):
     c = job_counts(r.stdout + r.stderr)
     # 3 seeds: kmeans, and SCAN's pretrain -> mine -> scan -> selflabel; 4 evaluated stages per seed
     assert c["prepare_dataset"] == 1
-    for rule in ("kmeans", "pretrain", "mine_neighbors", "scan", "selflabel"):
+    for rule in ("kmeans", "pretrain", "mine_neighbors", "scan", "selflabel", "pretrain_supervised", "discover"):
         assert c[rule] == 3, (rule, c)
-    assert c["evaluate"] == 12
+    assert c["evaluate"] == 15
     assert c["aggregate"] == c["report"] == c["all"] == 1
 
 
@@ -56,7 +56,9 @@ def test_paper_dag_without_data(tmp_path):
     assert c["pretrain"] == 3 * 5 + 3 * 3
     assert c["scan"] == c["selflabel"] == c["mine_neighbors"] == 24
     assert c["kmeans"] == 15
-    assert c["prepare_dataset"] == 4
+    # UNO: CIFAR-10 5/5, CIFAR-100 80/20 and 50/50 (5 seeds), ImageNet A/B/C (3 seeds)
+    assert c["pretrain_supervised"] == c["discover"] == 3 * 5 + 3 * 3
+    assert c["prepare_dataset"] == 5  # cifar10, cifar100-20, cifar100, stl10, imagenet
     assert f"{tmp_path}/data/imagenet/READY" in out
     assert "scan_digits" not in out  # run_experiments keeps config.yaml's experiments out
 
@@ -77,6 +79,7 @@ def test_unknown_config_key_stops_the_workflow(tmp_path):
 
 TINY = {
     "seeds": [0],
+    "run_experiments": ["kmeans_digits", "scan_digits", "uno_digits"],
     "runtime": {"accelerator": "cpu", "threads": 1},
     "experiments": {
         "kmeans_digits": {"method": "kmeans", "dataset": "digits", "cluster": {"n_init": 1}},
@@ -86,6 +89,11 @@ TINY = {
             "pretrain": {"epochs": 2, "batch_size": 256, "features_dim": 16},
             "scan": {"epochs": 2, "batch_size": 256, "num_heads": 2},
             "selflabel": {"epochs": 1, "batch_size": 256, "confidence_threshold": 0.5},
+        },
+        "uno_digits": {
+            "backbone_kwargs": {"width": 8, "pool": 2},
+            "pretrain_supervised": {"epochs": 1, "batch_size": 128},
+            "discover": {"epochs": 2, "batch_size": 128, "num_heads": 2, "hidden_dim": 32, "proj_dim": 16},
         },
     },
 }
@@ -113,6 +121,12 @@ def test_real_end_to_end_run(tmp_path):
     for key in [("scan_digits", "scan", "acc"), ("scan_digits", "selflabel", "acc"), ("scan_digits", "pretrain", "knn_top1")]:
         assert 0.0 <= best[key] <= 1.0
     assert {r["head"] for r in rows if r["stage"] == "scan"} == {"0", "1", "best"}
+    uno = {(r["split"], r["head"], r["metric"]) for r in rows if r["experiment"] == "uno_digits"}
+    for split in ("train-novel", "test-novel"):
+        for head in ("0", "1", "best", "avg"):
+            assert {(split, head, m) for m in ("acc", "acc_agnostic", "nmi", "ari")} <= uno
+    assert {("test-known", "best", "acc"), ("test-known", "best", "acc_agnostic")} <= uno
+    assert "uno_digits" in (tmp_path / "reports/README.md").read_text()
     readme = (tmp_path / "reports/README.md").read_text()
     assert "scan_digits" in readme and "kmeans_digits" in readme
     assert (tmp_path / "reports/index.html").is_file()
@@ -130,8 +144,8 @@ def test_adding_a_seed_does_not_rerun_existing_runs(tmp_path):
     show = ("-n", "--cores", "1", "--printshellcmds", *dirs(tmp_path))
     def cmds(cfg: Path) -> set[str]:
         r = snakemake(*show, "--configfile", str(cfg))
-        return {line[line.index("python -m ncd pretrain"):] for line in (r.stdout + r.stderr).splitlines()
-                if "python -m ncd pretrain" in line}
+        return {line[line.index("python -m ncd pretrain "):] for line in (r.stdout + r.stderr).splitlines()
+                if "python -m ncd pretrain " in line}
 
     first, second = cmds(one), cmds(two)
     assert len(first) == 1 and len(second) == 2

@@ -64,3 +64,48 @@ rule kmeans:
     shell:
         "python -m ncd kmeans --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
         "--data-root {params.root} --out {output.model} --log {log} --threads {threads}"
+
+
+rule pretrain_supervised:
+    """UNO stage 1: supervised pretraining on the known classes."""
+    input:
+        ready=ready_marker,
+    output:
+        model=f"{RUN}/pretrain_supervised/model.ckpt",
+    params:
+        cfg=exp_json,
+        root=data_root,
+    log:
+        f"{RESULTS}/logs/pretrain_supervised/{{exp}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain_supervised/{{exp}}_seed{{seed}}.tsv"
+    threads: threads_of
+    resources:
+        gpu=gpus_of,
+    container: config["container"]
+    shell:
+        "python -m ncd pretrain-supervised --experiment {wildcards.exp} --seed {wildcards.seed} "
+        "--config {params.cfg} --data-root {params.root} --out {output.model} --log {log} --threads {threads}"
+
+
+rule discover:
+    """UNO stage 2: novel class discovery with the unified objective."""
+    input:
+        ready=ready_marker,
+        pretrain=f"{RUN}/pretrain_supervised/model.ckpt",
+    output:
+        model=f"{RUN}/discover/model.ckpt",
+    params:
+        cfg=exp_json,
+        root=data_root,
+    log:
+        f"{RESULTS}/logs/discover/{{exp}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/discover/{{exp}}_seed{{seed}}.tsv"
+    threads: threads_of
+    resources:
+        gpu=gpus_of,
+    container: config["container"]
+    shell:
+        "python -m ncd discover --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+        "--data-root {params.root} --pretrain {input.pretrain} --out {output.model} --log {log} --threads {threads}"

@@ -1,0 +1,200 @@
+"""UNO (Fini et al., ICCV 2021; METHODS.md 3): supervised pretraining on the known classes, then
+discovery with one unified swapped-prediction objective over known and novel classes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from ncd.checkpoint import load_model, save_model
+from ncd.data import build_dataset, get_info
+from ncd.errors import NcdError
+from ncd.losses import uno_loss
+from ncd.methods.common import RunContext, build_optimizer, build_scheduler, finish, fit, make_loader
+from ncd.models import build_backbone
+from ncd.models.uno import MultiHeadModel
+
+log = logging.getLogger("ncd")
+
+
+def resolve_split(cfg: dict[str, Any], data_root: Path) -> tuple[list[int], list[int]]:
+    """Known and novel class ids in the dataset's label space, from ``split`` or ``split_name``."""
+    from ncd.data.uno import uno_imagenet_split_ids, uno_split
+
+    if cfg.get("split"):
+        return list(cfg["split"]["known"]), list(cfg["split"]["novel"])
+    name = cfg.get("split_name")
+    if not name:
+        raise NcdError("a UNO experiment needs 'split' (known/novel class ids) or 'split_name'; got neither")
+    if name.startswith("imagenet-"):
+        train = Path(data_root) / "train"
+        wnids = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        return uno_imagenet_split_ids(name.split("-", 1)[1], wnids)
+    dataset, known, novel = uno_split(name)
+    if dataset != cfg["dataset"]:
+        raise NcdError(f"split_name {name!r} is for dataset {dataset!r}, but the experiment uses {cfg['dataset']!r}")
+    return known, novel
+
+
+class Relabeled(Dataset):
+    """The images of ``base`` whose class is known or novel, relabeled known → 0..nlc−1,
+    novel → nlc..nlc+nuc−1; items are ``(views, target, index)`` with one view per transform."""
+
+    def __init__(self, base: Dataset, known: list[int], novel: list[int], transforms: list, classes: str = "all") -> None:
+        from ncd.data.uno import remap_targets
+
+        targets, keep = remap_targets(np.asarray(base.targets), known, novel)
+        nlc = len(known)
+        if classes == "known":
+            keep &= targets < nlc
+        elif classes == "novel":
+            keep &= targets >= nlc
+        self.base, self.transforms = base, transforms
+        self.indices = np.flatnonzero(keep)
+        self.targets = targets[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, _ = self.base[int(self.indices[i])]
+        views = [t(img) for t in self.transforms]
+        return (views if len(views) > 1 else views[0]), int(self.targets[i]), i
+
+
+def _optim(module: L.LightningModule, cfg: dict[str, Any]):
+    opt = build_optimizer(module.parameters(), cfg["optimizer"])
+    sched = build_scheduler(opt, cfg.get("scheduler", {}), int(cfg["epochs"]))
+    return opt if sched is None else {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class UNOPretrain(L.LightningModule):
+    """Cross-entropy on the labeled head, cosine logits / T, mean over the views (UNO 3.3)."""
+
+    def __init__(self, model: MultiHeadModel, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.model.normalize_prototypes()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        views, y = batch[0], batch[1]
+        logits = self.model(views)["logits_lab"] / float(self.cfg.get("temperature", 0.1))
+        loss = torch.stack([F.cross_entropy(lv, y) for lv in logits]).mean()
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        return _optim(self, self.cfg)
+
+
+class UNODiscover(L.LightningModule):
+    """The unified objective; the best head is the one with the smallest summed cluster loss
+    over the (last) training epoch."""
+
+    def __init__(self, model: MultiHeadModel, cfg: dict[str, Any], num_labeled: int) -> None:
+        super().__init__()
+        self.model, self.cfg, self.nlc = model, cfg, num_labeled
+        self.register_buffer("loss_per_head", torch.zeros(int(cfg["num_heads"])))
+
+    def on_train_epoch_start(self) -> None:
+        self.loss_per_head.zero_()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.model.normalize_prototypes()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        views, y = batch[0], batch[1]
+        out = self.model(views)
+        c = self.cfg
+        res = uno_loss(out["logits_lab"], out["logits_unlab"], out["logits_unlab_over"], y, self.nlc,
+                       num_large_crops=int(c.get("num_large_crops", 2)), temperature=float(c.get("temperature", 0.1)),
+                       epsilon=float(c.get("epsilon", 0.05)), iters=int(c.get("iters", 3)))
+        self.loss_per_head += res["loss_per_head"].detach()
+        b = y.shape[0]
+        self.log("train/loss", res["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=b)
+        self.log("train/loss_cluster", res["loss_cluster"], on_step=False, on_epoch=True, batch_size=b)
+        self.log("train/loss_overcluster", res["loss_overcluster"], on_step=False, on_epoch=True, batch_size=b)
+        return res["loss"]
+
+    def configure_optimizers(self):
+        return _optim(self, self.cfg)
+
+
+def _encoder(ctx: RunContext, info) -> tuple[torch.nn.Module, int]:
+    return build_backbone(ctx.cfg["backbone"], info.channels, **ctx.cfg.get("backbone_kwargs", {}))
+
+
+def _transforms(ctx: RunContext, info, cfg: dict[str, Any], small: int) -> list:
+    from ncd.data.uno import build_uno_transform
+
+    aug = cfg.get("augment", {})
+    large = build_uno_transform("large", info, **aug)
+    return [large, large] + [build_uno_transform("small", info, **aug)] * small
+
+
+def uno_arch(ctx: RunContext, info, dim: int, nlc: int, nuc: int, cfg: dict[str, Any] | None) -> dict[str, Any]:
+    arch = {"kind": "uno", "backbone": ctx.cfg["backbone"], "in_channels": info.channels,
+            "backbone_kwargs": dict(ctx.cfg.get("backbone_kwargs", {})), "backbone_dim": dim,
+            "num_labeled": nlc, "num_unlabeled": nuc, "num_heads": 0}
+    if cfg is not None:
+        arch.update(num_heads=int(cfg["num_heads"]), overcluster_factor=int(cfg["overcluster_factor"]),
+                    hidden_dim=int(cfg["hidden_dim"]), proj_dim=int(cfg["proj_dim"]))
+    return arch
+
+
+def run_pretrain_supervised(ctx: RunContext, out: Path) -> None:
+    """Supervised pretraining on the known classes' train images (two large crops)."""
+    sc = ctx.stage_cfg
+    dataset = ctx.cfg["dataset"]
+    info = get_info(dataset, ctx.data_root)
+    known, novel = resolve_split(ctx.cfg, ctx.data_root)
+    backbone, dim = _encoder(ctx, info)
+    model = MultiHeadModel(backbone, dim, len(known))
+    ds = Relabeled(build_dataset(dataset, ctx.data_root, info.train_split), known, novel,
+                   _transforms(ctx, info, sc, 0), classes="known")
+    log.info("UNO pretraining on %d known classes of %s: %d images, %d epochs", len(known), dataset, len(ds), sc["epochs"])
+    fit(UNOPretrain(model, sc), make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
+    model.normalize_prototypes()
+    save_model(out, model.state_dict(), uno_arch(ctx, info, dim, len(known), len(novel), None),
+               ctx.meta(known=known, novel=novel))
+    finish(ctx)
+
+
+def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
+    """Discovery on the whole train split (known and novel classes mixed), from the pretrained encoder."""
+    sc = ctx.stage_cfg
+    dataset = ctx.cfg["dataset"]
+    info = get_info(dataset, ctx.data_root)
+    known, novel = resolve_split(ctx.cfg, ctx.data_root)
+    pre = load_model(pretrain_ckpt, expected={"kind": "uno", "backbone": ctx.cfg["backbone"], "in_channels": info.channels})
+    backbone, dim = _encoder(ctx, info)
+    arch = uno_arch(ctx, info, dim, len(known), len(novel), sc)
+    model = MultiHeadModel(backbone, dim, len(known), len(novel), arch["num_heads"], arch["overcluster_factor"],
+                           arch["hidden_dim"], arch["proj_dim"])
+    # the official code drops every "unlab" key and loads the rest non-strictly
+    state = {k: v for k, v in pre["state_dict"].items() if "unlab" not in k}
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or any("unlab" not in k for k in result.missing_keys):
+        raise NcdError(f"UNO pretraining checkpoint {pretrain_ckpt} does not fit: missing "
+                       f"{[k for k in result.missing_keys if 'unlab' not in k][:3]}, unexpected {result.unexpected_keys[:3]}")
+    small = int(sc.get("num_small_crops", 2)) if sc.get("multicrop", False) else 0
+    ds = Relabeled(build_dataset(dataset, ctx.data_root, info.train_split), known, novel,
+                   _transforms(ctx, info, sc, small))
+    module = UNODiscover(model, sc, len(known))
+    log.info("UNO discovery on %s: %d known + %d novel classes, %d images, %d heads, %d small crops, %d epochs",
+             dataset, len(known), len(novel), len(ds), arch["num_heads"], small, sc["epochs"])
+    fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
+    best = int(torch.argmin(module.loss_per_head).item())
+    log.info("UNO best head %d (summed cluster loss of the last epoch: %s)", best,
+             [round(float(v), 3) for v in module.loss_per_head])
+    save_model(out, model.state_dict(), arch, ctx.meta(best_head=best, known=known, novel=novel))
+    finish(ctx)
