@@ -25,7 +25,9 @@ CONFIG = ROOT / "config.yaml"
 PAPER = ROOT / "workflow" / "experiments" / "paper.yaml"
 
 PAPER_RUN = ["kmeans_cifar10", "scan_cifar10", "kmeans_cifar100-20", "scan_cifar100-20", "kmeans_stl10",
-             "scan_stl10", "scan_imagenet-50", "scan_imagenet-100", "scan_imagenet-200"]
+             "scan_stl10", "scan_imagenet-50", "scan_imagenet-100", "scan_imagenet-200",
+             "uno_cifar10", "uno_cifar100-80-20", "uno_cifar100-50-50", "uno_imagenet-A", "uno_imagenet-B",
+             "uno_imagenet-C"]
 
 
 @pytest.fixture(scope="module")
