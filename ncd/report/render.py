@@ -35,6 +35,21 @@ STAGE_ORDER = ["pretrain", "kmeans", "scan", "selflabel", "discover", "cluster",
 SPLIT_ORDER = ["train", "test", "train-novel", "test-novel", "test-known"]
 METRIC_ORDER = ["acc", "nmi", "ari", "ami", "acc_top5", "acc_agnostic", "knn_top1", "linear_top1"]
 _TEMPLATES = Path(__file__).with_name("templates")
+# How each paper's columns are measured, printed above its table.
+PROTOCOLS = {
+    "Baselines": "k-means (scikit-learn, 10 restarts) on the raw pixels of the train split; Hungarian accuracy, "
+                 "NMI and ARI on the test split (SCAN's protocol).",
+    "SCAN": "Test split. acc: Hungarian accuracy with K = number of classes present (SCAN's protocol); nmi, ari: "
+            "scikit-learn on the raw cluster ids; acc_top5: the 5 most probable clusters through the same matching; "
+            "knn_top1: weighted kNN (k = 200, σ = 0.1) of the pretext features; head best = lowest validation SCAN loss "
+            "(scan stage) or the only head (selflabel).",
+    "UNO": "Novel classes of the train split (train-novel, the classical NCD number) and of the test split "
+           "(test-novel): acc = task-aware clustering accuracy (argmax over the head's novel logits), acc_agnostic = "
+           "task-agnostic (argmax over known ‖ novel logits), both with UNO's square Hungarian matching after shifting "
+           "the targets to start at 0; nmi, ari on the task-aware ids. test-known: plain accuracy of the labeled head "
+           "(acc) and of known ‖ novel logits of the best head (acc_agnostic). head best = smallest summed cluster loss "
+           "over the last epoch; avg = mean over heads.",
+}
 
 
 def _order(values: list[str]):
@@ -188,6 +203,8 @@ def _paper_sections(rows: list[dict], reported: list[dict]) -> tuple[list[dict],
             sec = by_paper.setdefault(r["paper"], {"paper": r["paper"], "rows": [], "reported_only": []})
             sec["reported_only"].append({**r, "variant": r["variant"] or "–", "reported": reported_cell(r)})
     sections = sorted(by_paper.values(), key=lambda s: _order(PAPER_ORDER)(s["paper"]))
+    for s in sections:
+        s["protocol"] = PROTOCOLS.get(s["paper"], "")
     return sections, [{"n": n, "text": s} for s, n in notes.items()]
 
 
