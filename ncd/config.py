@@ -72,6 +72,22 @@ def validate(config: dict[str, Any], schema: dict[str, Any] | None = None) -> di
     return config
 
 
+def check_split_name(name: str, exp: dict[str, Any]) -> None:
+    """A named split must exist and belong to the experiment's dataset."""
+    split_name = exp.get("split_name")
+    if not split_name:
+        return
+    from ncd.data.uno import UNO_SPLITS
+
+    if split_name not in UNO_SPLITS:
+        raise NcdError(f"unknown split_name {split_name!r} in experiment '{name}'; expected one of: "
+                       + ", ".join(UNO_SPLITS))
+    want = UNO_SPLITS[split_name]["dataset"]
+    if want != exp["dataset"]:
+        raise NcdError(f"split_name {split_name!r} of experiment '{name}' is a split of dataset '{want}', "
+                       f"but the experiment's dataset is '{exp['dataset']}'")
+
+
 def check_class_split(name: str, exp: dict[str, Any]) -> None:
     """A known/novel split must be disjoint and cover exactly the dataset's classes."""
     split = exp.get("split")
@@ -109,6 +125,10 @@ def check_semantics(config: dict[str, Any]) -> None:
                            + ", ".join(sorted(config["experiments"])))
     for name, exp in config["experiments"].items():
         check_class_split(name, exp)
+        check_split_name(name, exp)
+        if exp["method"] == "uno" and not (exp.get("split") or exp.get("split_name")):
+            raise NcdError(f"experiment '{name}' uses method 'uno' but has no class split; expected "
+                           "'split' (known/novel class ids) or 'split_name'")
 
 
 def load_config(files: list[Path]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,18 @@ def test_check_experiment_fills_defaults_and_rejects_bad_blocks():
     with pytest.raises(NcdError, match="'k'"):
         check_experiment("k", {"method": "kmeans", "dataset": "digits",
                                "split": {"known": [0, 1], "novel": [2]}})
+
+
+@pytest.mark.parametrize("exp,msg", [
+    ({"method": "uno", "dataset": "cifar10", "split_name": "cifar100-80/20"}, "is a split of dataset 'cifar100'"),
+    ({"method": "uno", "dataset": "digits", "split_name": "digits-4/6"}, "unknown split_name 'digits-4/6'"),
+    ({"method": "uno", "dataset": "digits"}, "has no class split"),
+])
+def test_uno_split_errors(exp, msg):
+    with pytest.raises(NcdError, match=re.escape(msg)):
+        validate({"experiments": {"u": exp}})
+
+
+def test_uno_named_split_passes():
+    cfg = validate({"experiments": {"u": {"method": "uno", "dataset": "digits", "split_name": "digits-5/5"}}})
+    assert cfg["experiments"]["u"]["discover"]["num_heads"] == 4
