@@ -59,7 +59,7 @@ def _uno_rows(ctx: RunContext, model, info, meta: dict, device, bs: int) -> tupl
     from ncd.methods.uno import Relabeled, resolve_split
 
     known, novel = resolve_split(ctx.cfg, ctx.data_root)
-    nlc, best = len(known), int(meta.get("best_head", 0))
+    best = int(meta.get("best_head", 0))
     from ncd.data.uno import build_uno_transform
 
     t = build_uno_transform("eval", info)

@@ -6,7 +6,7 @@ from torch import nn
 
 from ncd.errors import NcdError
 from ncd.models.heads import ClusteringModel, ContrastiveModel
-from ncd.models.resnet import ResNetSmallImages
+from ncd.models.resnet import ResNetSmallImages, init_resnet_weights
 from ncd.models.small import SmallCNN
 
 BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet18_lowres", "resnet18", "resnet50", "timm:<name>")
@@ -30,12 +30,7 @@ def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **
         m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         m.maxpool = nn.Identity()
         m.fc = nn.Identity()
-        for mod in m.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(mod.weight, 1)
-                nn.init.constant_(mod.bias, 0)
+        init_resnet_weights(m)
         return m, 512
     if name in ("resnet18_cifar", "resnet18_stl"):
         return ResNetSmallImages(in_channels=in_channels, stem=name.split("_")[1]), 512

@@ -7,6 +7,17 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def init_resnet_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU) convolutions, BatchNorm weight 1 and bias 0, as both SCAN's
+    and UNO's small-image ResNets do (no zero-init of the residual BN)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
 class BasicBlock(nn.Module):
     """The standard two-conv residual block (expansion 1)."""
 
@@ -51,12 +62,7 @@ class ResNetSmallImages(nn.Module):
         self.layer3 = self._make_layer(256, num_blocks[2], 2)
         self.layer4 = self._make_layer(512, num_blocks[3], 2)
         self.avgpool = nn.AvgPool2d(7, stride=1) if stem == "stl" else nn.AdaptiveAvgPool2d(1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_resnet_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
