@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ncd.errors import NcdError
 from ncd.losses._checks import check_tensor as _check_tensor
+from ncd.losses._checks import check_tensor_pair
 
 __all__ = ["simclr_loss", "scan_loss", "confidence_ce", "EmptyMaskError", "EPS"]
 
@@ -103,13 +104,7 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
     float rounding of ⟨p, q⟩ to just above 1 gives loss 0 instead of PyTorch's range error; at
     every value the official code accepts, value and gradient are unchanged.
     """
-    _check_tensor(anchor_logits, "anchor_logits", 2)
-    _check_tensor(neighbor_logits, "neighbor_logits", 2)
-    if anchor_logits.shape != neighbor_logits.shape:
-        raise NcdError(
-            f"anchor_logits and neighbor_logits must have the same shape, got "
-            f"{tuple(anchor_logits.shape)} and {tuple(neighbor_logits.shape)}"
-        )
+    check_tensor_pair(anchor_logits, "anchor_logits", neighbor_logits, "neighbor_logits", 2)
     b, n = anchor_logits.shape
     if b < 1 or n < 1:
         raise NcdError(f"scan_loss needs a non-empty [b, K] batch, got {tuple(anchor_logits.shape)}")
@@ -161,13 +156,7 @@ def confidence_ce(
     """
     if on_empty not in _ON_EMPTY:
         raise NcdError(f"on_empty must be one of {_ON_EMPTY}, got {on_empty!r}")
-    _check_tensor(weak_logits, "weak_logits", 2)
-    _check_tensor(strong_logits, "strong_logits", 2)
-    if weak_logits.shape != strong_logits.shape:
-        raise NcdError(
-            f"weak_logits and strong_logits must have the same shape, got "
-            f"{tuple(weak_logits.shape)} and {tuple(strong_logits.shape)}"
-        )
+    check_tensor_pair(weak_logits, "weak_logits", strong_logits, "strong_logits", 2)
     weak_prob = F.softmax(weak_logits.detach(), dim=1)
     max_prob, target = torch.max(weak_prob, dim=1)
     mask = max_prob > threshold

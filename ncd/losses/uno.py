@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ncd.errors import NcdError
 from ncd.losses._checks import check_tensor as _check_tensor
+from ncd.losses._checks import check_tensor_pair
 
 __all__ = ["sinkhorn_knopp", "swapped_prediction", "uno_loss"]
 
@@ -86,13 +87,7 @@ def swapped_prediction(logits: Tensor, targets: Tensor, num_large_crops: int = 2
     the batch mean runs over all ``B`` rows. Targets are detached (they are pseudo-labels). Returns the
     loss per head, ``[H]``.
     """
-    _check_tensor(logits, "logits", 4)
-    _check_tensor(targets, "targets", 4)
-    if logits.shape != targets.shape:
-        raise NcdError(
-            f"logits and targets must have the same shape [V, H, B, C], got "
-            f"{tuple(logits.shape)} and {tuple(targets.shape)}"
-        )
+    check_tensor_pair(logits, "logits", targets, "targets", 4, layout="[V, H, B, C]")
     v_all, h, b, c = logits.shape
     _check_count(num_large_crops, "num_large_crops", 1)
     if v_all < 2 or num_large_crops > v_all:

@@ -10,8 +10,10 @@ def lightning_modules() -> dict:
     from ncd.methods.scan import SCANModule
     from ncd.methods.selflabel import SelfLabelModule
     from ncd.methods.simclr import SimCLRModule
+    from ncd.methods.uno import UNODiscover, UNOPretrain
 
-    return {"simclr": SimCLRModule, "scan": SCANModule, "selflabel": SelfLabelModule}
+    return {"simclr": SimCLRModule, "scan": SCANModule, "selflabel": SelfLabelModule,
+            "uno_pretrain": UNOPretrain, "uno_discover": UNODiscover}
 
 
 __all__ = ["EVALUATED_STAGES", "METHOD_NAMES", "lightning_modules"]
