@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SNAKEMAKE := $(BIN)/snakemake
 CORES ?= 2
 
-.PHONY: run test lint dryrun-paper bench clean
+.PHONY: run test lint dryrun-paper dryrun-slurm container bench clean
 
 # The venv is stale when pyproject.toml changed since it was built.
 $(STAMP): pyproject.toml
@@ -28,6 +28,18 @@ lint: $(STAMP)
 
 dryrun-paper: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(SNAKEMAKE) -n --configfile workflow/experiments/paper.yaml
+
+# the paper DAG as the cluster would run it (a stand-in answers Snakemake's `apptainer --version`
+# where Apptainer is not installed; it refuses to run anything)
+dryrun-slurm: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH$$(command -v apptainer >/dev/null || echo ':$(CURDIR)/containers/dryrun-bin')" \
+		$(SNAKEMAKE) -n --profile workflow/profiles/slurm --configfile workflow/experiments/paper.yaml
+
+# the Apptainer image of the GPU steps (where Apptainer is installed, e.g. a cluster's build node)
+container: containers/ncd.sif
+containers/ncd.sif: containers/ncd.def pyproject.toml
+	@command -v apptainer >/dev/null || { echo "make container: apptainer is not installed here; build the image on a machine with Apptainer (see README, Running on a SLURM cluster)" >&2; exit 1; }
+	apptainer build --force $@.tmp containers/ncd.def && mv $@.tmp $@
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/simclr_throughput.py

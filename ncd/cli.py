@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ncd.errors import NcdError
+from ncd.errors import NcdError, Preempted
 
 log = logging.getLogger("ncd")
 
@@ -236,4 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        log.warning("preempted: %s", e)
+        print(f"preempted: {e}", file=sys.stderr)
+        return Preempted.exit_code
     return 0

@@ -19,7 +19,14 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "co
 
 
 def _schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    # parsed once: the workflow resolves experiments for every job of the DAG; callers only read it
+    global _SCHEMA_CACHE
+    if _SCHEMA_CACHE is None:
+        _SCHEMA_CACHE = yaml.safe_load(SCHEMA_PATH.read_text())
+    return _SCHEMA_CACHE
+
+
+_SCHEMA_CACHE: dict[str, Any] | None = None
 
 
 def _validator(schema: dict[str, Any]):
@@ -158,7 +165,9 @@ def selected_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def resolve_experiment(config: dict[str, Any], name: str) -> dict[str, Any]:
     """The block a stage receives: the experiment with global runtime/download/seeds folded in."""
     exp = copy.deepcopy(config["experiments"][name])
-    exp["runtime"] = {**config.get("runtime", {}), **(exp.get("runtime") or {})}
+    # schema defaults first: a config that sets part of runtime still gets the rest
+    defaults = _schema()["properties"]["runtime"]["default"]
+    exp["runtime"] = {**defaults, **config.get("runtime", {}), **(exp.get("runtime") or {})}
     if exp.get("download") is None:
         exp["download"] = config.get("download", True)
     if exp.get("seeds") is None:

@@ -7,6 +7,9 @@ import csv
 import io
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ncd.errors import NcdError
+from ncd.errors import NcdError, Preempted
 from ncd.utils import atomic_path, write_text_atomic
 
 log = logging.getLogger("ncd")
@@ -120,10 +123,59 @@ class AtomicLastCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt now (every rank must call it: saving is a collective step under DDP)."""
+        if not trainer.is_global_zero:
+            trainer.save_checkpoint(self.path)  # only rank 0 writes; the others join the barrier
+            return
         with atomic_path(self.path) as tmp:
             trainer.save_checkpoint(tmp)
         # the sidecar says which config made last.ckpt, so a rerun with other params starts afresh
         write_text_atomic(_sidecar(self.path), self.cfg_hash + "\n")
+
+
+class SaveOnSignal(L.Callback):
+    """SIGUSR1 (SLURM's ``--signal=USR1@s``, sent ``s`` seconds before the time limit) or SIGTERM
+    (preemption, ``scancel``): finish the current batch, write last.ckpt mid-epoch, raise
+    :class:`Preempted`. The step exits non-zero; Snakemake's retry reruns it and ``fit`` resumes from
+    that batch. Lightning's own SLURM auto-requeue is off (see ``fit``): requeueing behind
+    Snakemake's back would leave it polling a job that restarted under the same id.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, last: AtomicLastCheckpoint) -> None:
+        self.last = last
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # under DDP the ranks may see the signal at different batches: stop together
+        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if not stop:
+            return
+        name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
+        self.last.save(trainer)
+        log.warning("received %s: saved %s at epoch %d, batch %d; stopping so that the retry resumes there",
+                    name, self.last.path, trainer.current_epoch + 1, batch_idx + 1)
+        raise Preempted(f"stopped by {name} at epoch {trainer.current_epoch + 1}, batch {batch_idx + 1}; "
+                        f"{self.last.path} is saved and a rerun resumes from it")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
 
 
 def _sidecar(path: Path) -> Path:
@@ -183,6 +235,7 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
             log.warning("ignoring %s: it was written under another configuration", last)
             last.unlink()
     history = History(ctx.out_dir / "history.csv")
+    last_ckpt = AtomicLastCheckpoint(last, cfg_hash)
     trainer = L.Trainer(
         accelerator=rt.get("accelerator", "auto"),
         devices=rt.get("devices", 1),
@@ -193,7 +246,9 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[history, AtomicLastCheckpoint(last, cfg_hash)],  # history first: its rows go into the checkpoint
+        # history first: its rows go into the checkpoint
+        callbacks=[history, last_ckpt, SaveOnSignal(last_ckpt)],
+        plugins=cluster_plugins(int(rt.get("devices", 1))),
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_loader is not None else 0,
@@ -207,6 +262,25 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt,
                 weights_only=False)
     return trainer
+
+
+def cluster_plugins(devices: int) -> list:
+    """Lightning's cluster environment for a training step.
+
+    Under SLURM with one task per device (the rule's ``srun``), Lightning's SLURM environment sets
+    up DDP from SLURM_NTASKS/SLURM_PROCID, with its auto-requeue off (:class:`SaveOnSignal` handles
+    the time-limit signal). When one task holds every device (a multi-GPU job inside the
+    container, where there is no ``srun``), Lightning starts the DDP processes itself.
+    """
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return []
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if devices > 1 and ntasks != devices:
+        log.info("SLURM job step with %d task(s) for %d devices: Lightning starts the processes", ntasks, devices)
+        return [LightningEnvironment()]
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 def finish(ctx: RunContext) -> None:

@@ -76,3 +76,32 @@ def test_last_checkpoint_of_another_config_is_not_resumed(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "written under another configuration" in (tmp_path / "pretrain.log").read_text()
     assert (out / "model.ckpt").is_file()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_time_limit_signal_saves_mid_epoch_and_the_retry_resumes(tmp_path, sig):
+    """SLURM's ``--signal=USR1@s`` (or SIGTERM): save last.ckpt after the current batch, exit 75."""
+    cfg = _cfg(12)
+    cfg["pretrain"]["batch_size"] = 64  # several batches per epoch, so the signal lands mid-epoch
+    last = tmp_path / "run/pretrain/last.ckpt"
+    proc = subprocess.Popen(_cmd(tmp_path, cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before the signal"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-2000:]
+    assert f"stopped by {sig.name}" in err
+    blob = torch.load(last, map_location="cpu", weights_only=False)
+    batches = blob["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+    assert 0 < batches < 20  # 1257 images / 64 = 20 batches: saved inside an epoch, not at its end
+    assert not (tmp_path / "run/pretrain/model.ckpt").exists()
+
+    r = subprocess.run(_cmd(tmp_path, cfg), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming stage pretrain" in (tmp_path / "pretrain.log").read_text()
+    rows = list(csv.DictReader((tmp_path / "run/pretrain/history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
+    assert (tmp_path / "run/pretrain/model.ckpt").is_file()

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 600, env_path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": env_path or f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

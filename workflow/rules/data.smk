@@ -13,7 +13,7 @@ rule prepare_dataset:
         f"{RESULTS}/logs/prepare_dataset/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
-    container: config["container"]
+    container: CONTAINER
     shell:
         "python -m ncd prepare --dataset {wildcards.dataset} --root {params.root} "
         "{params.download} --log {log}"

@@ -8,6 +8,7 @@ rule scan:
         model=f"{RUN}/scan/model.ckpt",
     params:
         cfg=exp_json,
+        launch=launcher,
         root=data_root,
     log:
         f"{RESULTS}/logs/scan/{{exp}}_seed{{seed}}.log",
@@ -15,10 +16,10 @@ rule scan:
         f"{RESULTS}/benchmarks/scan/{{exp}}_seed{{seed}}.tsv"
     threads: threads_of
     resources:
-        gpu=gpus_of,
-    container: config["container"]
+        **train_resources(),
+    container: CONTAINER
     shell:
-        "python -m ncd scan --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+        "{params.launch}python -m ncd scan --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
         "--data-root {params.root} --pretrain {input.pretrain} --neighbors {input.neighbors} "
         "--out {output.model} --log {log} --threads {threads}"
 
@@ -32,6 +33,7 @@ rule selflabel:
         model=f"{RUN}/selflabel/model.ckpt",
     params:
         cfg=exp_json,
+        launch=launcher,
         root=data_root,
     log:
         f"{RESULTS}/logs/selflabel/{{exp}}_seed{{seed}}.log",
@@ -39,10 +41,10 @@ rule selflabel:
         f"{RESULTS}/benchmarks/selflabel/{{exp}}_seed{{seed}}.tsv"
     threads: threads_of
     resources:
-        gpu=gpus_of,
-    container: config["container"]
+        **train_resources(),
+    container: CONTAINER
     shell:
-        "python -m ncd selflabel --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+        "{params.launch}python -m ncd selflabel --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
         "--data-root {params.root} --scan {input.scan} --out {output.model} --log {log} --threads {threads}"
 
 
@@ -60,7 +62,9 @@ rule kmeans:
     benchmark:
         f"{RESULTS}/benchmarks/kmeans/{{exp}}_seed{{seed}}.tsv"
     threads: threads_of
-    container: config["container"]
+    resources:
+        **train_resources(gpu=False),
+    container: CONTAINER
     shell:
         "python -m ncd kmeans --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
         "--data-root {params.root} --out {output.model} --log {log} --threads {threads}"
@@ -74,6 +78,7 @@ rule pretrain_supervised:
         model=f"{RUN}/pretrain_supervised/model.ckpt",
     params:
         cfg=exp_json,
+        launch=launcher,
         root=data_root,
     log:
         f"{RESULTS}/logs/pretrain_supervised/{{exp}}_seed{{seed}}.log",
@@ -81,10 +86,10 @@ rule pretrain_supervised:
         f"{RESULTS}/benchmarks/pretrain_supervised/{{exp}}_seed{{seed}}.tsv"
     threads: threads_of
     resources:
-        gpu=gpus_of,
-    container: config["container"]
+        **train_resources(),
+    container: CONTAINER
     shell:
-        "python -m ncd pretrain-supervised --experiment {wildcards.exp} --seed {wildcards.seed} "
+        "{params.launch}python -m ncd pretrain-supervised --experiment {wildcards.exp} --seed {wildcards.seed} "
         "--config {params.cfg} --data-root {params.root} --out {output.model} --log {log} --threads {threads}"
 
 
@@ -97,6 +102,7 @@ rule discover:
         model=f"{RUN}/discover/model.ckpt",
     params:
         cfg=exp_json,
+        launch=launcher,
         root=data_root,
     log:
         f"{RESULTS}/logs/discover/{{exp}}_seed{{seed}}.log",
@@ -104,8 +110,8 @@ rule discover:
         f"{RESULTS}/benchmarks/discover/{{exp}}_seed{{seed}}.tsv"
     threads: threads_of
     resources:
-        gpu=gpus_of,
-    container: config["container"]
+        **train_resources(),
+    container: CONTAINER
     shell:
-        "python -m ncd discover --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+        "{params.launch}python -m ncd discover --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
         "--data-root {params.root} --pretrain {input.pretrain} --out {output.model} --log {log} --threads {threads}"

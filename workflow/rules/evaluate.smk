@@ -15,8 +15,8 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate/{{exp}}_seed{{seed}}_{{stage}}.tsv"
     threads: threads_of
     resources:
-        gpu=gpus_of,
-    container: config["container"]
+        **train_resources(multi_gpu=False),
+    container: CONTAINER
     shell:
         "python -m ncd evaluate --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
         "--data-root {params.root} --ckpt {input.model} --method {params.method} --stage {wildcards.stage} "
@@ -33,6 +33,6 @@ rule aggregate:
         f"{RESULTS}/logs/aggregate.log",
     benchmark:
         f"{RESULTS}/benchmarks/aggregate/all.tsv"
-    container: config["container"]
+    container: CONTAINER
     shell:
         "python -m ncd aggregate --out {output.table} --log {log} {input.metrics}"

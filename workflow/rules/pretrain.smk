@@ -6,6 +6,7 @@ rule pretrain:
         model=f"{RUN}/pretrain/model.ckpt",
     params:
         cfg=exp_json,
+        launch=launcher,
         root=data_root,
     log:
         f"{RESULTS}/logs/pretrain/{{exp}}_seed{{seed}}.log",
@@ -13,10 +14,10 @@ rule pretrain:
         f"{RESULTS}/benchmarks/pretrain/{{exp}}_seed{{seed}}.tsv"
     threads: threads_of
     resources:
-        gpu=gpus_of,
-    container: config["container"]
+        **train_resources(),
+    container: CONTAINER
     shell:
-        "python -m ncd pretrain --experiment {wildcards.exp} --seed {wildcards.seed} "
+        "{params.launch}python -m ncd pretrain --experiment {wildcards.exp} --seed {wildcards.seed} "
         "--config {params.cfg} --data-root {params.root} --out {output.model} --log {log} --threads {threads}"
 
 
@@ -36,8 +37,8 @@ rule mine_neighbors:
         f"{RESULTS}/benchmarks/mine_neighbors/{{exp}}_seed{{seed}}.tsv"
     threads: threads_of
     resources:
-        gpu=gpus_of,
-    container: config["container"]
+        **train_resources(multi_gpu=False),
+    container: CONTAINER
     shell:
         "python -m ncd mine --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
         "--data-root {params.root} --pretrain {input.model} --out {output.neighbors} --log {log} --threads {threads}"

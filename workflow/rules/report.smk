@@ -1,5 +1,6 @@
 localrules:
     report,
+    aggregate,
 
 
 rule report:
@@ -18,7 +19,7 @@ rule report:
         f"{RESULTS}/logs/report.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/all.tsv"
-    container: config["container"]
+    container: CONTAINER
     shell:
         "python -m ncd report --metrics {input.table} --reported {input.reported} --results {params.results} "
         "--benchmarks {params.results}/benchmarks --experiments {params.experiments} --out {params.out} --log {log}"
