@@ -304,9 +304,25 @@ def test_run_experiments_unknown(cfg):
 
 # --- resolution --------------------------------------------------------------------------------
 
+def _schema_runtime_default() -> dict:
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    return schema["properties"]["runtime"]["default"]
+
+
+def test_partial_runtime_keeps_the_other_defaults(embedded):
+    """paper.yaml sets part of runtime; the cluster requests (mem_mb, time_min) still get defaults."""
+    cfg = copy.deepcopy(embedded)
+    cfg["runtime"] = {"gpu": True, "threads": 8}
+    cfg["experiments"]["scan_digits"]["runtime"] = {"devices": 2, "mem_mb": 9000}
+    rt = resolve_experiment(cfg, "scan_digits")["runtime"]
+    assert rt["gpu"] is True and rt["threads"] == 8 and rt["devices"] == 2 and rt["mem_mb"] == 9000
+    assert rt["time_min"] == _schema_runtime_default()["time_min"]
+    assert rt["precision"] == "32-true"
+
+
 def test_resolve_experiment_folds_in_globals(embedded):
     exp = resolve_experiment(embedded, "scan_digits")
-    assert exp["runtime"] == embedded["runtime"]
+    assert exp["runtime"] == {**_schema_runtime_default(), **embedded["runtime"]}
     assert exp["download"] is embedded["download"]
     assert exp["seeds"] == embedded["seeds"]
     assert exp["method"] == "scan" and exp["dataset"] == "digits"
