@@ -1,13 +1,13 @@
 rule scan:
     """SCAN clustering on the mined neighbours; keeps the head with the lowest validation loss."""
     input:
-        ready=ready_marker,
-        pretrain=f"{RUN}/pretrain/model.ckpt",
-        neighbors=f"{RUN}/pretrain/neighbors.npz",
+        unpack(artifact_inputs("scan", f"{RUN}/scan", pretrain=f"{RUN}/pretrain/model.ckpt", neighbors=f"{RUN}/pretrain/neighbors.npz")),
     output:
         model=f"{RUN}/scan/model.ckpt",
+        record=record_of("scan", f"{RUN}/scan"),
     params:
         cfg=exp_json,
+        config_hash=config_hash_of,
         launch=launcher,
         root=data_root,
     log:
@@ -19,20 +19,24 @@ rule scan:
         **train_resources(),
     container: CONTAINER
     shell:
-        "{params.launch}python -m ncd scan --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
-        "--data-root {params.root} --pretrain {input.pretrain} --neighbors {input.neighbors} "
-        "--out {output.model} --log {log} --threads {threads}"
+        (
+            "{params.launch}python -m ncd scan --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+            "--data-root {params.root} --pretrain {input.pretrain} --neighbors {input.neighbors} "
+            "--out {output.model} --log {log} --threads {threads}"
+            + RECORD
+        )
 
 
 rule selflabel:
     """Self-labeling from the selected SCAN head."""
     input:
-        ready=ready_marker,
-        scan=f"{RUN}/scan/model.ckpt",
+        unpack(artifact_inputs("selflabel", f"{RUN}/selflabel", scan=f"{RUN}/scan/model.ckpt")),
     output:
         model=f"{RUN}/selflabel/model.ckpt",
+        record=record_of("selflabel", f"{RUN}/selflabel"),
     params:
         cfg=exp_json,
+        config_hash=config_hash_of,
         launch=launcher,
         root=data_root,
     log:
@@ -44,18 +48,23 @@ rule selflabel:
         **train_resources(),
     container: CONTAINER
     shell:
-        "{params.launch}python -m ncd selflabel --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
-        "--data-root {params.root} --scan {input.scan} --out {output.model} --log {log} --threads {threads}"
+        (
+            "{params.launch}python -m ncd selflabel --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+            "--data-root {params.root} --scan {input.scan} --out {output.model} --log {log} --threads {threads}"
+            + RECORD
+        )
 
 
 rule kmeans:
     """The baseline: k-means on raw pixels."""
     input:
-        ready=ready_marker,
+        unpack(artifact_inputs("kmeans", f"{RUN}/cluster")),
     output:
         model=f"{RUN}/cluster/model.ckpt",
+        record=record_of("kmeans", f"{RUN}/cluster"),
     params:
         cfg=exp_json,
+        config_hash=config_hash_of,
         root=data_root,
     log:
         f"{RESULTS}/logs/kmeans/{{exp}}_seed{{seed}}.log",
@@ -66,18 +75,23 @@ rule kmeans:
         **train_resources(gpu=False),
     container: CONTAINER
     shell:
-        "python -m ncd kmeans --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
-        "--data-root {params.root} --out {output.model} --log {log} --threads {threads}"
+        (
+            "python -m ncd kmeans --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+            "--data-root {params.root} --out {output.model} --log {log} --threads {threads}"
+            + RECORD
+        )
 
 
 rule pretrain_supervised:
     """UNO stage 1: supervised pretraining on the known classes."""
     input:
-        ready=ready_marker,
+        unpack(artifact_inputs("pretrain_supervised", f"{RUN}/pretrain_supervised")),
     output:
         model=f"{RUN}/pretrain_supervised/model.ckpt",
+        record=record_of("pretrain_supervised", f"{RUN}/pretrain_supervised"),
     params:
         cfg=exp_json,
+        config_hash=config_hash_of,
         launch=launcher,
         root=data_root,
     log:
@@ -89,19 +103,23 @@ rule pretrain_supervised:
         **train_resources(),
     container: CONTAINER
     shell:
-        "{params.launch}python -m ncd pretrain-supervised --experiment {wildcards.exp} --seed {wildcards.seed} "
-        "--config {params.cfg} --data-root {params.root} --out {output.model} --log {log} --threads {threads}"
+        (
+            "{params.launch}python -m ncd pretrain-supervised --experiment {wildcards.exp} --seed {wildcards.seed} "
+            "--config {params.cfg} --data-root {params.root} --out {output.model} --log {log} --threads {threads}"
+            + RECORD
+        )
 
 
 rule discover:
     """UNO stage 2: novel class discovery with the unified objective."""
     input:
-        ready=ready_marker,
-        pretrain=f"{RUN}/pretrain_supervised/model.ckpt",
+        unpack(artifact_inputs("discover", f"{RUN}/discover", pretrain=f"{RUN}/pretrain_supervised/model.ckpt")),
     output:
         model=f"{RUN}/discover/model.ckpt",
+        record=record_of("discover", f"{RUN}/discover"),
     params:
         cfg=exp_json,
+        config_hash=config_hash_of,
         launch=launcher,
         root=data_root,
     log:

@@ -1,12 +1,13 @@
 rule evaluate:
     """Metrics of one stage's model on the evaluation splits (SCAN's Hungarian protocol, kNN)."""
     input:
-        ready=ready_marker,
-        model=f"{RUN}/{{stage}}/model.ckpt",
+        unpack(artifact_inputs("evaluate", f"{RUN}/{{stage}}", model=f"{RUN}/{{stage}}/model.ckpt")),
     output:
         metrics=f"{RUN}/{{stage}}/metrics.json",
+        record=record_of("evaluate", f"{RUN}/{{stage}}"),
     params:
         cfg=exp_json,
+        config_hash=config_hash_of,
         root=data_root,
         method=method_of,
     log:
@@ -18,15 +19,18 @@ rule evaluate:
         **train_resources(multi_gpu=False),
     container: CONTAINER
     shell:
-        "python -m ncd evaluate --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
-        "--data-root {params.root} --ckpt {input.model} --method {params.method} --stage {wildcards.stage} "
-        "--out {output.metrics} --log {log} --threads {threads}"
+        (
+            "python -m ncd evaluate --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+            "--data-root {params.root} --ckpt {input.model} --method {params.method} --stage {wildcards.stage} "
+            "--out {output.metrics} --log {log} --threads {threads}"
+            + RECORD
+        )
 
 
 rule aggregate:
     """All runs' metrics.json -> the one metrics table the report reads."""
     input:
-        metrics=metrics_targets(),
+        metrics=[ancient(m) for m in metrics_targets()],
     output:
         table=f"{RESULTS}/metrics.csv",
     log:
