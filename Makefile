@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SNAKEMAKE := $(BIN)/snakemake
 CORES ?= 2
 
-.PHONY: run test lint dryrun-paper dryrun-slurm container bench clean
+.PHONY: run test lint dryrun-paper dryrun-slurm container push pull remote bench clean
 
 # The venv is stale when pyproject.toml changed since it was built.
 $(STAMP): pyproject.toml
@@ -40,6 +40,14 @@ container: containers/ncd.sif
 containers/ncd.sif: containers/ncd.def pyproject.toml
 	@command -v apptainer >/dev/null || { echo "make container: apptainer is not installed here; build the image on a machine with Apptainer (see README, Running on a SLURM cluster)" >&2; exit 1; }
 	apptainer build --force $@.tmp containers/ncd.def && mv $@.tmp $@
+
+# share results/ through DVC (README, "Get the results without training")
+push: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m ncd.artifacts push
+pull: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m ncd.artifacts pull
+remote: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m ncd.artifacts remote "$(URL)"
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/simclr_throughput.py

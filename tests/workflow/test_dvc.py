@@ -1,0 +1,112 @@
+"""The DVC hand-off: a producer runs a tiny configuration and pushes results/ to a folder remote;
+a fresh clone pulls it and Snakemake then trains nothing, renders the report, and still reruns a
+step whose parameters change. A missing remote fails clearly and writes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from test_workflow import BIN, ROOT, job_counts  # same folder: pytest puts it on sys.path
+
+TINY = {
+    "seeds": [0],
+    "runtime": {"accelerator": "cpu", "threads": 1},
+    "experiments": {
+        "scan_digits": {
+            "method": "scan", "dataset": "digits", "backbone": "small_cnn",
+            "backbone_kwargs": {"width": 8, "pool": 2},
+            "pretrain": {"epochs": 2, "batch_size": 256, "features_dim": 16},
+            "scan": {"epochs": 2, "batch_size": 256, "num_heads": 2},
+            "selflabel": {"epochs": 1, "batch_size": 256, "confidence_threshold": 0.5},
+        },
+    },
+}
+TRAINING = ("pretrain", "mine_neighbors", "scan", "selflabel", "evaluate", "prepare_dataset")
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
+       "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+
+
+def run(*args, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{args}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def snakemake(*args, cwd) -> subprocess.CompletedProcess:
+    return run(BIN / "snakemake", "--cores", "2", *args, cwd=cwd, check=False)
+
+
+def artifacts(action, cwd, *extra, check=True):
+    return run(sys.executable, "-m", "ncd.artifacts", action, *extra, cwd=cwd, check=check)
+
+
+@pytest.fixture(scope="module")
+def producer(tmp_path_factory):
+    """A clone of this repository that ran the tiny configuration and pushed results/ to a folder remote."""
+    base = tmp_path_factory.mktemp("dvc")
+    a = base / "producer"
+    run("git", "clone", "-q", ROOT, a, cwd=base)
+    (a / "config.yaml").write_text(yaml.safe_dump(TINY))
+    r = snakemake(cwd=a)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    artifacts("remote", a, base / "remote")
+    out = artifacts("push", a)
+    assert "pushed results/" in out.stdout
+    run("git", "add", "config.yaml", "dvc.lock", ".dvc/config", cwd=a)
+    run("git", "commit", "-q", "-m", "tiny results", cwd=a)
+    return base, a
+
+
+@pytest.mark.timeout(900)
+def test_pull_on_a_fresh_clone_trains_nothing_and_renders_the_report(producer):
+    base, a = producer
+    b = base / "colleague"
+    run("git", "clone", "-q", a, b, cwd=base)
+    assert not (b / "results").exists()
+    artifacts("pull", b)
+    assert (b / "results/scan_digits/seed0/selflabel/model.ckpt").is_file()
+    assert (b / "results/metrics.csv").read_text() == (a / "results/metrics.csv").read_text()
+
+    dry = snakemake("-n", cwd=b)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert not [rule for rule in TRAINING + ("aggregate",) if rule in counts], counts
+    assert counts.get("report") == 1
+
+    done = snakemake(cwd=b)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert (b / "reports/index.html").is_file() and "scan_digits" in (b / "reports/README.md").read_text()
+    assert not (b / "data").exists()  # no dataset was fetched for a report
+    again = snakemake("-n", cwd=b)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # the hand-off does not freeze the pipeline: a changed parameter reruns its training step
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    cfg["experiments"]["scan_digits"]["selflabel"]["epochs"] = 2
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    changed = job_counts((r := snakemake("-n", cwd=b)).stdout + r.stderr)
+    assert changed.get("selflabel") == 1 and changed.get("prepare_dataset") == 1, changed
+
+
+@pytest.mark.timeout(300)
+def test_pull_from_a_missing_remote_fails_clearly_and_writes_nothing(producer):
+    base, a = producer
+    c = base / "no-remote"
+    run("git", "clone", "-q", a, c, cwd=base)
+    artifacts("remote", c, base / "moved-away")
+    r = artifacts("pull", c, check=False)
+    assert r.returncode == 2
+    assert "DVC remote 'storage' is unreachable" in r.stderr and "moved-away" in r.stderr
+    assert not (c / "results").exists()
+
+    run("git", "config", "-f", ".dvc/config", "--remove-section", 'remote "storage"', cwd=c)
+    run("git", "config", "-f", ".dvc/config", "--unset", "core.remote", cwd=c, check=False)
+    r = artifacts("pull", c, check=False)
+    assert r.returncode == 2 and "no DVC remote is set" in r.stderr
+    assert not (c / "results").exists()
