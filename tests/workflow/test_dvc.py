@@ -105,8 +105,7 @@ def test_pull_from_a_missing_remote_fails_clearly_and_writes_nothing(producer):
     assert "DVC remote 'storage' is unreachable" in r.stderr and "moved-away" in r.stderr
     assert not (c / "results").exists()
 
-    run("git", "config", "-f", ".dvc/config", "--remove-section", 'remote "storage"', cwd=c)
-    run("git", "config", "-f", ".dvc/config", "--unset", "core.remote", cwd=c, check=False)
+    run(BIN / "dvc", "remote", "remove", "storage", cwd=c)
     r = artifacts("pull", c, check=False)
     assert r.returncode == 2 and "no DVC remote is set" in r.stderr
     assert not (c / "results").exists()
