@@ -38,7 +38,9 @@ def _run(args: list[str], root: Path, what: str) -> subprocess.CompletedProcess:
 
 def default_remote(root: Path) -> tuple[str, str]:
     """The default remote's name and URL, or NcdError when none is set."""
-    name = subprocess.run(_dvc() + ["remote", "default"], cwd=root, capture_output=True, text=True).stdout.strip()
+    # `dvc config core.remote` fails when unset (`dvc remote default` prints a sentence instead)
+    r = subprocess.run(_dvc() + ["config", "core.remote"], cwd=root, capture_output=True, text=True)
+    name = r.stdout.strip() if r.returncode == 0 else ""
     if not name:
         raise NcdError("no DVC remote is set; expected one, e.g. `make remote URL=/shared/ncd-dvc` "
                        "(a folder, ssh://host/path or s3://bucket/path)")
