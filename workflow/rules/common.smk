@@ -88,8 +88,8 @@ def artifact_inputs(rule, out_dir, **artifacts):
         h = config_hash_of(wildcards)
         record = record_of(rule, _stage_dir(out_dir, wildcards))
         recorded = open(record).read().strip() if os.path.exists(record) else None
-        stamp = f"{STAMPS}/{rule}/{wildcards.exp}_seed{wildcards.seed}" + (
-            f"_{wildcards.stage}" if "stage" in wildcards.keys() else "")
+        stage = f"_{wildcards.stage}" if "stage" in wildcards.keys() else ""
+        stamp = f"{STAMPS}/{rule}/{wildcards.exp}_seed{wildcards.seed}{stage}"
         os.makedirs(os.path.dirname(stamp), exist_ok=True)
         if recorded == h:
             if not os.path.exists(stamp):

@@ -131,5 +131,8 @@ rule discover:
         **train_resources(),
     container: CONTAINER
     shell:
-        "{params.launch}python -m ncd discover --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
-        "--data-root {params.root} --pretrain {input.pretrain} --out {output.model} --log {log} --threads {threads}"
+        (
+            "{params.launch}python -m ncd discover --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
+            "--data-root {params.root} --pretrain {input.pretrain} --out {output.model} --log {log} --threads {threads}"
+            + RECORD
+        )
