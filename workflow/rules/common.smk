@@ -98,7 +98,7 @@ def artifact_inputs(rule, out_dir, **artifacts):
         elif (not os.path.exists(stamp) or os.path.getmtime(stamp) <= 1
               or open(stamp).read().strip() != h):
             with open(stamp, "w") as f:  # changed (or never run): newer than the output
-                f.write(h + "\n")
+                f.write(f"{h}\n")
         res = {"stamp": stamp}
         ready = ready_marker(wildcards)
         # a pulled, matching result needs no data; anything that will run does
