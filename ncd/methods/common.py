@@ -272,7 +272,10 @@ def cluster_plugins(devices: int) -> list:
     the time-limit signal). When one task holds every device (a multi-GPU job inside the
     container, where there is no ``srun``), Lightning starts the DDP processes itself.
     """
-    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+    from lightning.fabric.plugins.environments import (
+        LightningEnvironment,
+        SLURMEnvironment,
+    )
 
     if not SLURMEnvironment.detect():
         return []

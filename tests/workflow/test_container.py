@@ -9,8 +9,12 @@ import tomllib
 
 import pytest
 import yaml
-
-from test_workflow import BIN, ROOT, job_counts, snakemake  # same folder: pytest puts it on sys.path
+from test_workflow import (  # same folder: pytest puts it on sys.path
+    BIN,
+    ROOT,
+    job_counts,
+    snakemake,
+)
 
 DEF = ROOT / "containers/ncd.def"
 SECTIONS = {"%labels", "%files", "%post", "%environment", "%test", "%help", "%runscript", "%setup", "%startscript"}
@@ -84,7 +88,7 @@ def _dry_jobs(*extra: str) -> list[dict[str, str]]:
     jobs = []
     for block in re.split(r"\n(?=rule \w+:)", out):
         m = re.match(r"rule (\w+):", block)
-        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        res = re.search(r"^\s+resources: (.*)$", block, re.MULTILINE)
         if m and res:
             jobs.append({"rule": m.group(1), **dict(kv.split("=", 1) for kv in res.group(1).split(", "))})
     assert job_counts(out)["all"] == 1

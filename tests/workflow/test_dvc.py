@@ -10,8 +10,11 @@ import sys
 
 import pytest
 import yaml
-
-from test_workflow import BIN, ROOT, job_counts  # same folder: pytest puts it on sys.path
+from test_workflow import (  # same folder: pytest puts it on sys.path
+    BIN,
+    ROOT,
+    job_counts,
+)
 
 TINY = {
     "seeds": [0],

@@ -10,13 +10,15 @@ limit and GPU the config asked for, and the results equal those of a local run.
 from __future__ import annotations
 
 import csv
-import re
+import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-
 from test_workflow import ROOT, snakemake  # same folder: pytest puts it on sys.path
 
 CLUSTER = ROOT / "tests/slurm/cluster.sh"
@@ -110,3 +112,48 @@ def test_training_steps_run_as_slurm_jobs_with_their_resources(slurm_cluster, tm
     assert on_slurm == _metrics(tmp_path / "local/results/metrics.csv")
     assert any(k[1] == "selflabel" and k[5] == "acc" for k in on_slurm)
     assert (tmp_path / "slurm/reports/index.html").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_time_limit_signal_saves_and_the_retry_resumes_on_slurm(slurm_cluster, tmp_path):
+    """SLURM's --signal=USR1 reaches the training process through srun, Snakemake and the shell;
+    the step saves last.ckpt and exits 75, and the profile's retry (attempt 2) resumes from it."""
+    cfg = json.loads(json.dumps(TINY))
+    cfg["experiments"]["scan_digits"]["pretrain"].update(epochs=30, batch_size=64)
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    target = tmp_path / "slurm/results/scan_digits/seed0/pretrain/model.ckpt"
+    last = target.with_name("last.ckpt")
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(bindir / "snakemake"), "--profile", "workflow/profiles/slurm",
+                             "--configfile", str(path), *_config(tmp_path, "slurm"), "--slurm-logdir", str(tmp_path / "logs"),
+                             "--slurm-init-seconds-before-status-checks", "1", "--jobs", "1", str(target)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not last.exists() and proc.poll() is None:
+            time.sleep(0.5)
+        assert last.exists(), "the pretrain job wrote no last.ckpt"
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True).stdout.split("\n")
+        jobid = next(line.split()[0] for line in jobs if "rule_pretrain" in line)
+        # what SLURM does signal_seconds before the time limit: the job steps, not the batch shell
+        subprocess.run(["scancel", "--signal=USR1", jobid], check=True)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert target.is_file()
+    # attempt 1: the SLURM log holds the step's stderr; Snakemake replaced the rule log at the retry
+    first = next((tmp_path / "logs").rglob(f"{jobid}.log")).read_text()
+    assert "preempted: stopped by SIGUSR1" in first
+    retry = [f for f in (tmp_path / "logs").rglob("*.log") if "rule_pretrain" in str(f) and f.stem != jobid]
+    assert len(retry) == 1, "no second pretrain job"
+    log = (tmp_path / "slurm/results/logs/pretrain/scan_digits_seed0.log").read_text()
+    assert "resuming stage pretrain" in log and "epoch 1/30 " not in log  # attempt 2 went on from last.ckpt
+    acct = {}
+    for job in (jobid, retry[0].stem):
+        acct[job] = subprocess.run(["sacct", "-X", "--parsable2", "--noheader", "-j", job, "--format=State,ReqMem"],
+                                   capture_output=True, text=True).stdout.strip()
+    assert acct == {jobid: "FAILED|700M", retry[0].stem: "COMPLETED|1400M"}, acct  # the retry asks for 2x memory
