@@ -89,7 +89,9 @@ def artifact_inputs(rule, out_dir, **artifacts):
         record = record_of(rule, _stage_dir(out_dir, wildcards))
         recorded = open(record).read().strip() if os.path.exists(record) else None
         stage = f"_{wildcards.stage}" if "stage" in wildcards.keys() else ""
-        stamp = f"{STAMPS}/{rule}/{wildcards.exp}_seed{wildcards.seed}{stage}"
+        # one folder per stamp: Snakemake lists a folder once per DAG build (its file inventory),
+        # so a stamp created in a folder it had already listed would look missing
+        stamp = f"{STAMPS}/{rule}/{wildcards.exp}_seed{wildcards.seed}{stage}/config"
         os.makedirs(os.path.dirname(stamp), exist_ok=True)
         if recorded == h:
             if not os.path.exists(stamp):
