@@ -12,11 +12,12 @@ network processes twice as many. Two figures per case:
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
 import torch
-from PIL import Image
+from _timing import (  # benchmarks/ is on sys.path
+    images_per_second,
+    transform_pairs_per_second,
+)
 
 from ncd.data import build_transform, get_info
 from ncd.losses import simclr_loss
@@ -39,29 +40,13 @@ def step_throughput(backbone: str, in_ch: int, size: int, batch: int, steps: int
         loss.backward()
         opt.step()
 
-    for _ in range(2):  # warm-up (cuDNN autotune, allocator)
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    return images_per_second(step, batch, steps, device)
 
 
 def loader_throughput(dataset: str, n: int, **overrides) -> float:
     info = get_info(dataset)
     t = build_transform("simclr", info, **overrides)
-    mode = "L" if info.channels == 1 else "RGB"
-    rng = np.random.default_rng(0)
-    shape = (info.image_size, info.image_size) + (() if info.channels == 1 else (3,))
-    imgs = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(64)]
-    t0 = time.perf_counter()
-    for i in range(n):
-        t(imgs[i % 64]), t(imgs[i % 64])
-    return n / (time.perf_counter() - t0)
+    return transform_pairs_per_second(t, info, n)
 
 
 def main() -> None:
