@@ -1,0 +1,439 @@
+"""CLD (Wang, Liu, Yu, CVPR 2021; METHODS.md 5): an instance-discrimination learner (NPID, MoCo,
+MoCo v2 or InfoMin, chosen by ``cld.instance``) plus the cross-level instance-group term,
+``loss = instance + λ · CLD``; ``λ = 0`` is the plain baseline from the same code.
+
+One LightningModule (:class:`CLDModule`) trains every branch with manual optimisation, so that a
+step whose loss is NaN is skipped (no backward, no optimiser or scheduler step, no memory update,
+no EMA) and counted, as the official CIFAR loops do. Evaluation (:func:`evaluate_cld`): weighted kNN
+on the instance features recomputed with the test transform, k-means with Hungarian ACC/NMI/ARI on
+them (beyond the official code), and the ImageNet linear probe (:func:`linear_probe`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from ncd.checkpoint import save_model
+from ncd.data import build_dataset, get_info
+from ncd.data.cld import CLDViews, build_cld_transform, build_jigsaw_transform
+from ncd.data.wrappers import Transformed
+from ncd.errors import NcdError
+from ncd.losses import cld_loss, enqueue, memory_bank_update, moco_logits, npid_loss
+from ncd.methods.common import RunContext, build_optimizer, collect, finish, fit, make_loader
+from ncd.models.cld import CLDModel, build_cld_backbone
+
+log = logging.getLogger("ncd")
+
+INSTANCES = ("npid", "moco", "mocov2", "infomin")
+# Which views are the two queries (they also feed the group branch) and which is the key, as in
+# the official loops: CIFAR MoCo x1, x2 | x3; MoCo v2 im_q, im_q2 = views 1, 3 | im_k = view 2;
+# InfoMin x1, x2 | x3. NPID has no key encoder.
+QUERY_VIEWS: dict[str, tuple[int, int]] = {"npid": (0, 1), "moco": (0, 1), "mocov2": (0, 2), "infomin": (0, 1)}
+KEY_VIEW: dict[str, int | None] = {"npid": None, "moco": 2, "mocov2": 1, "infomin": 2}
+SCHEDULES = ("warmup_cosine_iter", "cosine_epoch", "infomin_cosine", "constant")
+
+
+def num_views(instance: str) -> int:
+    return 3 if KEY_VIEW[instance] is not None else 2
+
+
+def cld_lr(sched: dict[str, Any], base_lr: float, epochs: int, epoch: int, batch_idx: int, iters: int,
+           step: int) -> float:
+    """The learning rate of one optimiser step (METHODS.md 5.5).
+
+    ``warmup_cosine_iter`` (CIFAR): per iteration, ``s`` = steps taken so far, ``W`` = warm-up
+    steps: ``lr/mult · ((mult − 1)·s/W + 1)`` for ``s ≤ W`` (GradualWarmupScheduler), then
+    ``η + (lr − η)(1 + cos(π (s − W)/((E − w)·I)))/2`` (CosineAnnealingLR, η = ``eta_min``).
+    ``cosine_epoch`` (MoCo v2): ``lr · ½(1 + cos(π e/E))`` at 0-based epoch ``e``.
+    ``infomin_cosine`` (InfoMin): ``η + (lr − η)(1 + cos(π e/E))/2`` at 1-based epoch ``e``, η = lr ·
+    ``decay_rate``³, and during the first ``warmup_epochs`` a per-iteration ramp from ``warmup_from``
+    to the value at the end of the warm-up. ``constant``: ``lr``.
+    """
+    name = sched.get("name", "warmup_cosine_iter")
+    if name == "constant":
+        return base_lr
+    if name == "warmup_cosine_iter":
+        warm = int(sched.get("warmup_epochs", 5)) * iters
+        mult = float(sched.get("warmup_multiplier", 100))
+        eta = float(sched.get("eta_min", 1e-6))
+        if warm > 0 and step <= warm:
+            return base_lr / mult * ((mult - 1.0) * step / warm + 1.0)
+        t_max = max(1, (epochs - int(sched.get("warmup_epochs", 5))) * iters)
+        return eta + (base_lr - eta) * (1 + math.cos(math.pi * (step - warm) / t_max)) / 2
+    if name == "cosine_epoch":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if name == "infomin_cosine":
+        e = epoch + 1
+        eta = base_lr * float(sched.get("decay_rate", 0.1)) ** 3
+        warm = int(sched.get("warmup_epochs", 5))
+        if warm > 0 and e <= warm:
+            to = eta + (base_lr - eta) * (1 + math.cos(math.pi * warm / epochs)) / 2
+            p = (batch_idx + (e - 1) * iters) / (warm * iters)
+            start = float(sched.get("warmup_from", 0.01))
+            return start + p * (to - start)
+        return eta + (base_lr - eta) * (1 + math.cos(math.pi * e / epochs)) / 2
+    raise NcdError(f"unknown cld scheduler {name!r}; expected one of {', '.join(SCHEDULES)}")
+
+
+class KnnSplits(Dataset):
+    """The train split then the test split, both with the test transform: ``(image, target, i)``
+    with ``i < n_train`` for train images (the kNN monitor's one validation loader)."""
+
+    def __init__(self, train: Dataset, test: Dataset) -> None:
+        self.train, self.test = train, test
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.test)
+
+    def __getitem__(self, i: int):
+        n = len(self.train)
+        img, y, _ = self.train[i] if i < n else self.test[i - n]
+        return img, y, i
+
+
+class CLDModule(L.LightningModule):
+    """``loss = instance + λ · CLD`` for one of the instance branches of :data:`INSTANCES`.
+
+    NPID: two views, full-softmax memory bank (``memory`` ``[N, d]``, uniform in [−s, s],
+    s = 1/√(d/3)); the loss is the mean of both views' CEs on the memory before the step, then
+    the memory takes view 2, then view 1. MoCo / MoCo v2 / InfoMin: three views, two queries and
+    one key from an EMA key encoder (parameters only, ``ema`` momentum, updated after every
+    optimiser step); ``queue`` ``[Q, d]`` (uniform in [−s, s] for CIFAR MoCo, normalised Gaussian for
+    MoCo v2 and InfoMin) takes the keys once per step (InfoMin's cache: after each query view);
+    shuffle-BN for the key encoder when there is more than one device. InfoMin adds its jigsaw
+    query: per view ``(1 − β)·InfoNCE(q) + β·InfoNCE(jigsaw)``.
+    """
+
+    def __init__(self, model: CLDModel, cfg: dict[str, Any], num_train: int, num_classes: int = 0,
+                 num_knn_train: int = 0, knn_k: int = 200) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model, self.cfg = model, cfg
+        self.instance = cfg["instance"]
+        if self.instance not in INSTANCES:
+            raise NcdError(f"unknown cld.instance {self.instance!r}; expected one of {', '.join(INSTANCES)}")
+        if float(cfg["lambda"]) == 0:
+            # the baseline never uses the group head: frozen, so that DDP does not wait for its gradient
+            for p in model.group_head.parameters():
+                p.requires_grad_(False)
+        d = int(cfg["low_dim"])
+        s = 1.0 / math.sqrt(d / 3)
+        self.model_ema: CLDModel | None = None
+        if self.instance == "npid":
+            self.register_buffer("memory", torch.rand(num_train, d) * (2 * s) - s)
+        else:
+            self.model_ema = copy.deepcopy(model)
+            for p in self.model_ema.parameters():
+                p.requires_grad_(False)
+            size = int(cfg["queue_size"])
+            queue = torch.rand(size, d) * (2 * s) - s if self.instance == "moco" else F.normalize(torch.randn(size, d), dim=1)
+            self.register_buffer("queue", queue)
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nan_steps", torch.zeros((), dtype=torch.long))
+        self.num_classes, self.num_knn_train, self.knn_k = num_classes, num_knn_train, knn_k
+        self.knn_history: list[tuple[int, float]] = []
+        self._knn_batches: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------------------ helpers
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """Concatenate ``x`` over all devices (rank order); ``x`` itself on one device."""
+        return x if self._world() == 1 else self.all_gather(x).flatten(0, 1)
+
+    @torch.no_grad()
+    def _keys(self, xk: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys of this device's batch and of all devices' batches (in rank order)."""
+        assert self.model_ema is not None
+        if self._world() == 1:
+            # one device: BN sees the whole batch, so shuffling would change nothing
+            k = self.model_ema(xk, two_branch=False).float()
+            return k, k
+        x_all = self._gather(xk)
+        n, b, r = x_all.shape[0], xk.shape[0], self.global_rank
+        if self.instance == "moco":
+            # CIFAR MoCo seeds the permutation with the (1-based) epoch: the same one all epoch
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.current_epoch + 1))
+            perm = perm.to(xk.device)
+        else:
+            perm = self.trainer.strategy.broadcast(torch.randperm(n, device=xk.device), src=0)
+        k_shuffled = self._gather(self.model_ema(x_all[perm[r * b:(r + 1) * b]], two_branch=False).float())
+        k_all = torch.empty_like(k_shuffled)
+        k_all[perm] = k_shuffled
+        return k_all[r * b:(r + 1) * b], k_all
+
+    def _enqueue(self, keys: Tensor) -> None:
+        self.queue, ptr = enqueue(self.queue, keys, self.queue_ptr)
+        self.queue_ptr.fill_(ptr)
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        m = float(self.cfg["ema"])
+        for p, pe in zip(self.model.parameters(), self.model_ema.parameters()):
+            pe.mul_(m).add_(p.detach(), alpha=1.0 - m)
+
+    def _lr(self, batch_idx: int) -> float:
+        c = self.cfg
+        return cld_lr(c["scheduler"], float(c["optimizer"]["lr"]), int(c["epochs"]), self.current_epoch, batch_idx,
+                      max(1, int(self.trainer.num_training_batches)), int(self.trainer.global_step))
+
+    # ----------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> None:
+        x, _, index = batch
+        patches = None
+        if isinstance(x, (list, tuple)):
+            x, patches = x
+        c = self.cfg
+        opt = self.optimizers()
+        lr = self._lr(batch_idx)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        temperature = float(c["temperature"])
+        qa, qb = QUERY_VIEWS[self.instance]
+        # one forward per view, as the official loops: BatchNorm normalises each view on its own
+        fa, ga = (t.float() for t in self.model(x[:, qa]))
+        fb, gb = (t.float() for t in self.model(x[:, qb]))
+        zeros = torch.zeros(fa.shape[0], dtype=torch.long, device=fa.device)
+        if self.instance == "npid":
+            inst = 0.5 * (npid_loss(fa, index, self.memory, temperature) + npid_loss(fb, index, self.memory, temperature))
+        else:
+            k, k_all = self._keys(x[:, KEY_VIEW[self.instance]])
+            if self.instance == "infomin":
+                jig = self.model.forward_jigsaw(patches.flatten(0, 1)).float()
+                beta = float(c["jigsaw_beta"])
+                per_view = []
+                for f in (fa, fb):
+                    per_view.append((1 - beta) * F.cross_entropy(moco_logits(f, k, self.queue, temperature), zeros)
+                                    + beta * F.cross_entropy(moco_logits(jig, k, self.queue, temperature), zeros))
+                    self._enqueue(k_all)  # InfoMin's cache takes the keys on every call
+                inst = 0.5 * (per_view[0] + per_view[1])
+            else:
+                inst = 0.5 * (F.cross_entropy(moco_logits(fa, k, self.queue, temperature), zeros)
+                              + F.cross_entropy(moco_logits(fb, k, self.queue, temperature), zeros))
+                self._enqueue(k_all)  # in the forward pass, as the official: also on a skipped step
+        loss = inst
+        lam = float(c["lambda"])
+        b = fa.shape[0]
+        if lam > 0:
+            out = cld_loss(ga, gb, int(c["num_clusters"]), float(c["cld_temperature"]), int(c["kmeans_iters"]),
+                           detach_centroids=bool(c["detach_centroids"]))
+            loss = inst + lam * out["loss"]
+            self.log("train/loss_cld", out["loss"].detach(), on_step=False, on_epoch=True, batch_size=b)
+            self.log("train/group_acc", out["group_acc"], on_step=False, on_epoch=True, batch_size=b)
+        if not torch.isfinite(loss.detach()):
+            self.nan_steps += 1
+            log.warning("epoch %d batch %d: the loss is %s; step skipped (%d so far)", self.current_epoch + 1,
+                        batch_idx + 1, float(loss.detach()), int(self.nan_steps))
+            self.log("train/nan_steps", self.nan_steps.float(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=b)
+            return None
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        if self.instance == "npid":
+            m = float(c["memory_momentum"])
+            idx = self._gather(index)
+            self.memory = memory_bank_update(self.memory, self._gather(fb.detach()), idx, m)
+            self.memory = memory_bank_update(self.memory, self._gather(fa.detach()), idx, m)
+        else:
+            self._ema_update()
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=b)
+        self.log("train/loss_instance", inst.detach(), on_step=False, on_epoch=True, batch_size=b)
+        self.log("train/nan_steps", self.nan_steps.float(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=b)
+        return None
+
+    def configure_optimizers(self):
+        return build_optimizer(self.model.parameters(), self.cfg["optimizer"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cld_knn_history"] = [list(t) for t in self.knn_history]  # a resumed run keeps its monitor
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.knn_history = [(int(e), float(v)) for e, v in checkpoint.get("cld_knn_history", [])]
+
+    # -------------------------------------------------------------------------- kNN monitor
+    def _knn_due(self) -> bool:
+        every = int(self.cfg["knn_every"])
+        e = self.current_epoch + 1
+        return every > 0 and (e % every == 0 or e == self.trainer.max_epochs)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if not self._knn_due():
+            return
+        x, y, i = batch
+        self._knn_batches.append((self.model(x, two_branch=False).float(), torch.as_tensor(y, device=x.device), i))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._knn_batches:
+            # NaN, not the last value: the history must not repeat an old measurement
+            self.log("val/knn_top1", float("nan"))
+            return
+        from ncd.eval.knn import weighted_knn
+
+        f, y, i = (torch.cat(t) for t in zip(*self._knn_batches))
+        self._knn_batches = []
+        f, y, i = self._gather(f), self._gather(y), self._gather(i)
+        # a distributed sampler pads with repeats: place every feature at its dataset index
+        n = int(i.max()) + 1
+        feats = f.new_zeros(n, f.shape[1])
+        labels = y.new_zeros(n)
+        feats[i], labels[i] = f, y
+        nt = self.num_knn_train
+        res = weighted_knn(feats[:nt], labels[:nt], feats[nt:], labels[nt:], self.num_classes,
+                           k=min(self.knn_k, nt), sigma=float(self.cfg["temperature"]))
+        self.knn_history.append((self.current_epoch + 1, res["top1"]))
+        log.info("epoch %d: weighted kNN top-1 %.4f (top-5 %.4f)", self.current_epoch + 1, res["top1"], res["top5"])
+        self.log("val/knn_top1", res["top1"], sync_dist=False)
+
+
+# ----------------------------------------------------------------------------------- building
+def cld_arch(ctx: RunContext, info, dim: int) -> dict[str, Any]:
+    sc = ctx.stage_cfg if ctx.stage == "cld" else ctx.cfg["cld"]
+    return {"kind": "cld", "backbone": ctx.cfg["backbone"], "in_channels": info.channels,
+            "backbone_kwargs": dict(ctx.cfg.get("backbone_kwargs", {})), "backbone_dim": dim,
+            "pool_len": int(sc["pool_len"]), "low_dim": int(sc["low_dim"]), "head": sc["head"], "mlp": bool(sc["mlp"]),
+            "jigsaw": sc["instance"] == "infomin", "instance": sc["instance"]}
+
+
+def build_model(ctx: RunContext, info) -> tuple[CLDModel, dict[str, Any]]:
+    sc = ctx.cfg["cld"]
+    backbone, dim = build_cld_backbone(ctx.cfg["backbone"], info.channels, int(sc["pool_len"]),
+                                       **ctx.cfg.get("backbone_kwargs", {}))
+    arch = cld_arch(ctx, info, dim)
+    return CLDModel(backbone, dim, arch["low_dim"], arch["head"], arch["mlp"], arch["jigsaw"]), arch
+
+
+def run_cld(ctx: RunContext, out: Path) -> None:
+    """Train CLD (or its λ = 0 baseline) on the train split and write ``out`` (model.ckpt)."""
+    sc = ctx.stage_cfg
+    dataset = ctx.cfg["dataset"]
+    info = get_info(dataset, ctx.data_root)
+    instance = sc["instance"]
+    model, arch = build_model(ctx, info)
+    aug = build_cld_transform(sc["augmentation"], info, **sc.get("augment", {}))
+    jigsaw = build_jigsaw_transform(info) if instance == "infomin" else None
+    ds = CLDViews(build_dataset(dataset, ctx.data_root, info.train_split), [aug] * num_views(instance), jigsaw)
+    bs = int(sc["batch_size"])
+    val_loader, n_knn = None, 0
+    if int(sc["knn_every"]) > 0:
+        test_t = build_cld_transform("test", info)
+        train_eval = Transformed(build_dataset(dataset, ctx.data_root, info.train_split), test_t)
+        test_eval = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), test_t)
+        n_knn = len(train_eval)
+        val_loader = make_loader(KnnSplits(train_eval, test_eval), int(sc.get("eval_batch_size", 512)), ctx, train=False)
+    module = CLDModule(model, sc, len(ds), info.num_classes, n_knn, int(ctx.cfg.get("evaluate", {}).get("knn_k", 200)))
+    log.info("CLD (%s, λ = %g) on %s: %d images, %d views, backbone %s, %d epochs", instance, float(sc["lambda"]),
+             dataset, len(ds), num_views(instance), ctx.cfg["backbone"], sc["epochs"])
+    fit(module, make_loader(ds, bs, ctx, train=True), ctx, int(sc["epochs"]), val_loader)
+    nan = int(module.nan_steps)
+    if nan:
+        log.warning("CLD: %d training step(s) had a NaN loss and were skipped", nan)
+    save_model(out, model.state_dict(), arch,
+               ctx.meta(instance=instance, nan_steps=nan, knn_history=[list(t) for t in module.knn_history]))
+    finish(ctx)
+
+
+# --------------------------------------------------------------------------------- evaluation
+def linear_probe(ctx: RunContext, model: CLDModel, info, device: torch.device) -> float:
+    """METHODS.md 5.7: a linear classifier on the frozen pooled backbone features (BN in eval
+    mode), fc initialised N(0, 0.01) with zero bias, SGD (momentum 0.9) with step decay; train
+    augmentation RRC(224) + flip (``linear``) or with RandAugment (``linear_ra``, InfoMin); top-1 on
+    the test/val split with Resize + CenterCrop. Returns the top-1 accuracy."""
+    from tqdm import tqdm
+
+    pc = ctx.cfg["cld"]["probe"]
+    dataset = ctx.cfg["dataset"]
+    trunk = model.backbone.to(device).eval()
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    fc = nn.Linear(model.backbone_dim, info.num_classes).to(device)
+    nn.init.normal_(fc.weight, 0.0, 0.01)
+    nn.init.zeros_(fc.bias)
+    train = Transformed(build_dataset(dataset, ctx.data_root, info.train_split),
+                        build_cld_transform(pc["augmentation"], info))
+    test = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), build_cld_transform("test", info))
+    bs = min(int(pc["batch_size"]), len(train))
+    loader = make_loader(train, bs, ctx, train=True)
+    opt = torch.optim.SGD(fc.parameters(), lr=float(pc["lr"]), momentum=0.9, weight_decay=float(pc["weight_decay"]))
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(pc["milestones"]), float(pc["gamma"]))
+    for epoch in range(int(pc["epochs"])):
+        fc.train()
+        total, n = 0.0, 0
+        for x, y, _ in tqdm(loader, desc=f"linear probe {epoch + 1}", leave=False, mininterval=5.0):
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y, device=device)
+            with torch.no_grad():
+                feats = trunk(x)
+            loss = F.cross_entropy(fc(feats), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        sched.step()
+        log.info("linear probe epoch %d/%d: loss %.4f", epoch + 1, int(pc["epochs"]), total / max(1, n))
+    fc.eval()
+    logits, y = collect(lambda x: fc(trunk(x)), make_loader(test, int(ctx.cfg["evaluate"]["batch_size"]), ctx, train=False),
+                        device, "linear probe eval")
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def evaluate_cld(ctx: RunContext, model: CLDModel, info, splits: list[str], device: torch.device,
+                 bs: int) -> tuple[list[tuple[str, str, str, float]], dict[str, Any]]:
+    """Metrics rows ``(split, head, metric, value)`` of a CLD checkpoint and the test confusion.
+
+    * ``knn_top1`` (test): weighted kNN (K = ``evaluate.knn_k``, σ = ``cld.temperature``) of the
+      test images against the train images, instance features recomputed with the test transform.
+    * ``acc``, ``nmi``, ``ari``: k-means (scikit-learn, K = number of classes, 10 restarts) fitted
+      on the train features, Hungarian ACC (SCAN's protocol), NMI and ARI of its clusters on each
+      split of ``splits`` (beyond the official code).
+    * ``linear_top1`` (test): :func:`linear_probe`, when ``cld.probe.epochs`` > 0.
+    """
+    from sklearn.cluster import KMeans
+
+    from ncd.eval.clustering import hungarian_evaluate
+    from ncd.eval.knn import weighted_knn
+
+    sc, ev = ctx.cfg["cld"], ctx.cfg.get("evaluate", {})
+    dataset = ctx.cfg["dataset"]
+    test_t = build_cld_transform("test", info)
+    names = {"train": info.train_split, "test": info.test_split}
+    model.to(device).eval()
+
+    def features(split: str) -> tuple[Tensor, Tensor]:
+        ds = Transformed(build_dataset(dataset, ctx.data_root, names[split]), test_t)
+        return collect(lambda x: model(x, two_branch=False), make_loader(ds, bs, ctx, train=False), device, f"embed {split}")
+
+    rows: list[tuple[str, str, str, float]] = []
+    confusion: dict[str, Any] = {}
+    need = set(splits) | ({"train"} if (sc["knn"] or sc["kmeans_eval"]) else set())
+    feats = {s: features(s) for s in sorted(need)} if (sc["knn"] or sc["kmeans_eval"]) else {}
+    if sc["knn"] and "test" in splits:
+        (bank, bank_y), (f, y) = feats["train"], feats["test"]
+        res = weighted_knn(bank, bank_y, f, y, info.num_classes, k=min(int(ev.get("knn_k", 200)), len(bank)),
+                           sigma=float(sc["temperature"]))
+        rows.append(("test", "best", "knn_top1", float(res["top1"])))
+    if sc["kmeans_eval"]:
+        km = KMeans(n_clusters=info.num_classes, n_init=10, random_state=ctx.seed).fit(feats["train"][0].double().numpy())
+        for split in splits:
+            f, y = feats[split]
+            pred = torch.from_numpy(km.predict(f.double().numpy()).astype(np.int64))
+            res = hungarian_evaluate(pred, y, return_reordered=True)
+            rows += [(split, "best", m, float(res[m])) for m in ("acc", "nmi", "ari")]
+            if split == "test":
+                confusion = {"head": "best", "matrix": np.asarray(res["confusion"]).tolist()}
+    if int(sc["probe"]["epochs"]) > 0:
+        rows.append(("test", "best", "linear_top1", linear_probe(ctx, model, info, device)))
+    return rows, confusion
+
+
+__all__ = ["CLDModule", "INSTANCES", "cld_lr", "evaluate_cld", "linear_probe", "run_cld"]
