@@ -120,6 +120,34 @@ def cmd_discover(args: argparse.Namespace) -> None:
     run_discover(_context(args, "discover"), Path(args.pretrain), Path(args.out))
 
 
+def cmd_cld(args: argparse.Namespace) -> None:
+    """CLD: an instance-discrimination learner (NPID, MoCo, MoCo v2, InfoMin) + the group branch → model.ckpt."""
+    from ncd.methods.cld import run_cld
+
+    run_cld(_context(args, "cld"), Path(args.out))
+
+
+def cmd_superand(args: argparse.Namespace) -> None:
+    """Two-stage classifier, stage 1: Super-AND embedding and memory bank → model.ckpt."""
+    from ncd.methods.superand import run_superand
+
+    run_superand(_context(args, "superand"), Path(args.out))
+
+
+def cmd_twostage(args: argparse.Namespace) -> None:
+    """Two-stage classifier, stage 2: fixed normalised heads + IIC from the stage-1 encoder → model.ckpt."""
+    from ncd.methods.twostage import run_twostage
+
+    run_twostage(_context(args, "twostage"), Path(args.embed) if args.embed else None, Path(args.out))
+
+
+def cmd_sela(args: argparse.Namespace) -> None:
+    """SeLa: self-labelling by optimal transport (multi-head, Sinkhorn-Knopp label steps) → model.ckpt."""
+    from ncd.methods.sela import run_sela
+
+    run_sela(_context(args, "sela"), Path(args.out))
+
+
 def cmd_kmeans(args: argparse.Namespace) -> None:
     """k-means on raw pixels (the baseline) → model.ckpt."""
     from ncd.methods.kmeans import run_kmeans
@@ -202,8 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbors", required=True, help="neighbors.npz from 'mine'")
     add("selflabel", cmd_selflabel).add_argument("--scan", required=True, help="SCAN model.ckpt")
     add("kmeans", cmd_kmeans)
+    add("sela", cmd_sela)
     add("pretrain-supervised", cmd_pretrain_supervised)
     add("discover", cmd_discover).add_argument("--pretrain", required=True, help="supervised model.ckpt")
+    add("cld", cmd_cld)
+    add("superand", cmd_superand)
+    add("twostage", cmd_twostage).add_argument(
+        "--embed", help="stage-1 (superand) model.ckpt; omitted with twostage.init: scratch")
     p = add("evaluate", cmd_evaluate)
     p.add_argument("--ckpt", required=True, help="model.ckpt to evaluate")
     p.add_argument("--method", required=True, help="method name for the metrics table")

@@ -147,10 +147,25 @@ def evaluate(ctx: RunContext, ckpt: Path, method: str, out: Path) -> list[dict[s
         elif kind == "uno":
             uno_rows, confusion = _uno_rows(ctx, model, info, meta, device, bs)
             rows += uno_rows
+        elif kind == "cld":
+            from ncd.methods.cld import evaluate_cld
+
+            cld_rows, confusion = evaluate_cld(ctx, model, info, splits, device, bs)
+            rows += cld_rows
+        elif kind in ("superand", "twostage"):
+            from ncd.methods.twostage import evaluate_rows
+
+            twostage_rows, confusion = evaluate_rows(ctx, model, arch, meta, splits, device, bs)
+            rows += twostage_rows
+        elif kind == "sela":
+            from ncd.methods.sela import sela_rows
+
+            sela_rows_, confusion = sela_rows(ctx, model, meta, info, device, bs)
+            rows += sela_rows_
         else:
             from ncd.errors import NcdError
 
-            raise NcdError(f"checkpoint {ckpt} has kind {kind!r}; expected kmeans, contrastive, clustering or uno")
+            raise NcdError(f"checkpoint {ckpt} has kind {kind!r}; expected kmeans, contrastive, clustering, uno, superand, twostage, cld or sela")
     records = [{"experiment": ctx.experiment, "method": method, "stage": ctx.stage, "dataset": dataset,
                 "split": s, "seed": ctx.seed, "head": h, "metric": m, "value": v} for s, h, m, v in rows]
     for r in records:

@@ -10,6 +10,9 @@ EVALUATED_STAGES: dict[str, tuple[str, ...]] = {
     "kmeans": ("cluster",),
     "scan": ("pretrain", "scan", "selflabel"),
     "uno": ("discover",),
+    "cld": ("cld",),
+    "twostage": ("superand", "twostage"),
+    "sela": ("sela",),
 }
 
 METHOD_NAMES = tuple(EVALUATED_STAGES)

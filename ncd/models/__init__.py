@@ -5,11 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ncd.errors import NcdError
+from ncd.models.cld import NormedLinear
 from ncd.models.heads import ClusteringModel, ContrastiveModel
 from ncd.models.resnet import ResNetSmallImages, init_resnet_weights
 from ncd.models.small import SmallCNN
+from ncd.models.sobel import ResNet18withSobel, normalized_fc
 
-BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet18_lowres", "resnet18", "resnet50", "timm:<name>")
+BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet18_lowres", "resnet18", "resnet50", "timm:<name>",
+             "sela_alexnet", "sela_resnetv2_50")
 
 
 def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **kwargs) -> tuple[nn.Module, int]:
@@ -44,6 +47,16 @@ def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **
         dim = m.fc.in_features
         m.fc = nn.Identity()
         return m, dim
+    if name == "sela_alexnet":
+        from ncd.models.sela import SeLaAlexNet
+
+        m = SeLaAlexNet(size=str(kwargs.get("size", "big")), in_channels=in_channels)
+        return m, m.out_dim
+    if name == "sela_resnetv2_50":
+        from ncd.models.sela import sela_resnetv2_50
+
+        return sela_resnetv2_50(in_channels, final_norm=bool(kwargs.get("final_norm", False)),
+                                init=str(kwargs.get("init", "torch")))
     if name.startswith("timm:"):
         import timm
 
@@ -55,11 +68,20 @@ def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **
     raise NcdError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
 
 
-__all__ = ["BACKBONES", "build_backbone", "model_from_arch", "ClusteringModel", "ContrastiveModel", "ResNetSmallImages", "SmallCNN"]
+__all__ = ["BACKBONES", "build_backbone", "model_from_arch", "ClusteringModel", "ContrastiveModel", "ResNetSmallImages", "SmallCNN",
+           "ResNet18withSobel", "normalized_fc", "NormedLinear"]
 
 
 def model_from_arch(arch: dict) -> nn.Module:
     """Rebuild the (untrained) model a checkpoint's ``arch`` block describes."""
+    if arch["kind"] in ("superand", "twostage"):  # two trunks: not one backbone plus a head
+        from ncd.models.sobel import sobel_model_from_arch
+
+        return sobel_model_from_arch(arch)
+    if arch["kind"] == "cld":  # CLD's pool_len changes the backbone itself
+        from ncd.models.cld import cld_model_from_arch
+
+        return cld_model_from_arch(arch)
     backbone, dim = build_backbone(arch["backbone"], arch["in_channels"], **arch.get("backbone_kwargs", {}))
     kind = arch["kind"]
     if kind == "contrastive":
@@ -71,4 +93,10 @@ def model_from_arch(arch: dict) -> nn.Module:
 
         return MultiHeadModel(backbone, dim, arch["num_labeled"], arch.get("num_unlabeled", 0), arch.get("num_heads", 0),
                               arch.get("overcluster_factor", 3), arch.get("hidden_dim", 2048), arch.get("proj_dim", 256))
-    raise NcdError(f"checkpoint architecture kind {kind!r} has no model; expected 'contrastive', 'clustering' or 'uno'")
+    if kind == "sela":
+        from ncd.models.sela import SeLaModel
+
+        return SeLaModel(backbone, dim, arch["num_heads"], arch["num_clusters"], arch["num_samples"],
+                         head_init=arch.get("head_init", "default"))
+    raise NcdError(f"checkpoint architecture kind {kind!r} has no model; expected 'contrastive', 'clustering', 'uno', 'sela', "
+                   "'superand', 'twostage' or 'cld'")

@@ -49,6 +49,30 @@ PROTOCOLS = {
            "the targets to start at 0; nmi, ari on the task-aware ids. test-known: plain accuracy of the labeled head "
            "(acc) and of known ‖ novel logits of the best head (acc_agnostic). head best = smallest summed cluster loss "
            "over the last epoch; avg = mean over heads.",
+    "SeLa": "Stage sela. train: the self-labels of the label matrix (the last Sinkhorn-Knopp assignment of each head) "
+            "against the train classes, as SeLa's README reports for ImageNet; test: each head's argmax on the test "
+            "split. acc (\"Label-Acc\"): Hungarian one-to-one matching of clusters to classes on the count matrix "
+            "(scikit-learn/SciPy; when K ≠ number of classes only min(K, C) pairs are matched and samples of unmatched "
+            "clusters count as errors; sela.acc_matching: majority maps each cluster to its most frequent class); nmi: "
+            "NMI (arithmetic), ami: adjusted NMI (\"aNMI\"), ari: scikit-learn on the raw ids. head best = the head "
+            "with the lowest mean training loss over the last epoch. knn_top1: weighted kNN (σ = 0.1; k = 10 after "
+            "PCA to 128 dimensions on CIFAR as cifar.py's final report, k = 200 on digits) of the L2-normalised "
+            "penultimate features, train split as the bank, the test transform for both. linear_top1: a linear layer "
+            "(SGD, step schedule) on the frozen penultimate features computed once with the test transform (no "
+            "augmentation, single crop; the official AlexNet probes read conv layers, the ResNet probe 10-crops).",
+    "Two-stage": "Stage twostage: train split with the test transform (the official protocols.test; test split "
+                 "beside it), per head the Hungarian accuracy over C × C votes (acc; SCAN's hungarian_evaluate), NMI "
+                 "and ARI (scikit-learn, beyond the official code); head best = the head with the lowest summed MI "
+                 "loss in the epoch with the lowest mean training loss, whose model is the one kept (the paper's "
+                 "'lowest-loss head'); avg = mean over the 5 heads (the README's 'average'). Stage superand: "
+                 "knn_top1 = weighted kNN (k = 200, σ = 0.1) of the test split's embeddings against the Super-AND "
+                 "memory bank (the official monitor; train features not recomputed), after the last round.",
+    "CLD": "Test split. knn_top1: weighted kNN (k = 200, σ = the instance temperature) of the instance-branch "
+           "features, the train features recomputed with the test transform (CIFAR's protocol); linear_top1: linear "
+           "probe on the frozen backbone (ImageNet's); acc, nmi, ari: k-means (K = classes) on the same features, "
+           "fitted on the train split, Hungarian matching (beyond the official code). Each CLD row is followed by "
+           "its baseline: the same setting with λ = 0 (plain NPID / MoCo / MoCo v2 / InfoMin from the same code, "
+           "projection heads included), whose reported number is the original method's.",
 }
 
 
@@ -121,7 +145,10 @@ def match_reported(reported: list[dict], method: str, dataset: str, stage: str, 
     """The reported entry for a reproduced row, or None.
 
     Same method, dataset, stage, split and metric; the experiment's variant, else the
-    canonical (variant-less) entry of that key. ``avg`` entries only match averaged heads.
+    canonical (variant-less) entry of that key. ``avg`` entries only match averaged heads; an
+    averaged head whose variant names no average (a paper reports "lowest-loss head" and "average
+    of 5 heads" as two rows) takes the one average of its key from the same source as the best-head
+    entry its experiment's variant matches.
     """
     key = (method, dataset, stage, split, metric)
     cands = [r for r in reported if (r["method"], r["dataset"], r["stage"], r["split"], r["metric"]) == key
@@ -134,6 +161,12 @@ def match_reported(reported: list[dict], method: str, dataset: str, stage: str, 
         for r in cands:
             if r["variant"] is None:
                 return r
+    if head == "avg" and want is not None:
+        best = match_reported(reported, method, dataset, stage, split, metric, variant, "best")
+        if best is not None and _norm_variant(best["variant"]) == want:
+            same = [r for r in cands if r["source"] == best["source"]]
+            if len(same) == 1:
+                return same[0]
     return None
 
 
@@ -151,7 +184,8 @@ def summarise(metrics: pd.DataFrame, experiments: dict[str, dict] | None = None)
     """One row per (experiment, method, dataset, stage, split, metric) of the best head.
 
     Uses head ``best``, or the only head where there is one (keys with several heads and no
-    ``best`` are left out). Values per seed are averaged first; std over seeds with ddof=1.
+    ``best`` are left out), followed by a row for the mean over heads (``avg``) where the metrics
+    have one. Values per seed are averaged first; std over seeds with ddof=1.
     """
     experiments = experiments or {}
     keys = ["experiment", "method", "dataset", "stage", "split", "metric"]
@@ -161,12 +195,13 @@ def summarise(metrics: pd.DataFrame, experiments: dict[str, dict] | None = None)
         head = "best" if "best" in heads else heads[0] if len(heads) == 1 else None
         if head is None:
             continue
-        per_seed = g[g["head"] == head].groupby("seed")["value"].mean()
-        n = len(per_seed)
-        rows.append({**dict(zip(keys, key)), "head": head, "n": n, "seeds": list(per_seed.index),
-                     "mean": float(per_seed.mean()),
-                     "std": float(per_seed.std(ddof=1)) if n > 1 else None,
-                     "variant": (experiments.get(key[0]) or {}).get("variant")})
+        for head in [head] + (["avg"] if "avg" in heads and head != "avg" else []):
+            per_seed = g[g["head"] == head].groupby("seed")["value"].mean()
+            n = len(per_seed)
+            rows.append({**dict(zip(keys, key)), "head": head, "n": n, "seeds": list(per_seed.index),
+                         "mean": float(per_seed.mean()),
+                         "std": float(per_seed.std(ddof=1)) if n > 1 else None,
+                         "variant": (experiments.get(key[0]) or {}).get("variant")})
     rows.sort(key=lambda r: (r["experiment"], r["dataset"], _order(STAGE_ORDER)(r["stage"]),
                              _order(SPLIT_ORDER)(r["split"]), _order(METRIC_ORDER)(r["metric"])))
     return rows
@@ -206,6 +241,19 @@ def _paper_sections(rows: list[dict], reported: list[dict]) -> tuple[list[dict],
     for s in sections:
         s["protocol"] = PROTOCOLS.get(s["paper"], "")
     return sections, [{"n": n, "text": s} for s, n in notes.items()]
+
+
+def _pair_cld_baselines(sections: list[dict], experiments: dict[str, dict]) -> None:
+    """CLD's table: every row directly above its baseline's (same dataset, instance branch, split
+    and metric, λ = 0), so it reads CLD, baseline, CLD, baseline."""
+    def key(row: dict) -> tuple:
+        cld = (experiments.get(row["experiment"]) or {}).get("cld") or {}
+        return (row["dataset"], str(cld.get("instance", "")), _order(SPLIT_ORDER)(row["split"]),
+                _order(METRIC_ORDER)(row["metric"]), float(cld.get("lambda", 1.0)) == 0.0, row["experiment"])
+
+    for s in sections:
+        if s["paper"] == "CLD":
+            s["rows"].sort(key=key)
 
 
 # --------------------------------------------------------------------------------------- figures
@@ -398,6 +446,7 @@ def build_report(metrics_csv: Path, reported_yaml: Path, results_dir: Path, benc
     metrics = load_metrics(metrics_csv)
     reported = load_reported(reported_yaml)
     sections, notes = _paper_sections(summarise(metrics, experiments), reported)
+    _pair_cld_baselines(sections, experiments or {})
 
     runs = find_runs(results_dir)
     for r in runs:

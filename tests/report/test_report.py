@@ -125,7 +125,7 @@ def test_tables_numbers(tree):
     # Reported-only tables keep the rest of each paper's table visible, competitors included.
     assert _md_row(md, "uno", "cifar100", "discover", "train-novel", "acc", "best", "80/20 paper")[7].startswith("85.0")
     assert _md_row(md, "rs+", "cifar100", "discover", "train-novel", "acc", "best", "80/20")[7].startswith("75.2")
-    assert _md_row(md, "cld", "cifar100", "pretrain", "test", "knn_top1", "best", "MoCo+CLD")[7].startswith("58.1")
+    assert _md_row(md, "cld", "cifar100", "cld", "test", "knn_top1", "best", "MoCo+CLD")[7].startswith("58.1")
     assert _md_row(md, "twostage", "cifar10", "twostage", "train", "acc", "best", "from scratch, 6 runs")[7].startswith("78.8 ± 3.2")
     # Reproduced SCAN cifar10 selflabel acc is no longer "reported only"; the 10-run mean still is.
     assert not any(l.startswith("| scan | cifar10 | selflabel | test | acc | best | – |") for l in md.splitlines())

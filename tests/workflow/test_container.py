@@ -95,7 +95,8 @@ def _dry_jobs(*extra: str) -> list[dict[str, str]]:
     return jobs
 
 
-GPU_RULES = {"pretrain", "mine_neighbors", "scan", "selflabel", "pretrain_supervised", "discover", "evaluate"}
+GPU_RULES = {"pretrain", "mine_neighbors", "scan", "selflabel", "pretrain_supervised", "discover", "evaluate",
+             "sela", "cld", "superand", "twostage"}
 
 
 @pytest.mark.timeout(300)
@@ -106,11 +107,12 @@ def test_every_gpu_rule_requests_gpus_and_names_the_image():
         if j["rule"] in GPU_RULES:
             assert j["container"] == "containers/ncd.sif", j
             assert int(j["gpu"]) >= 1 and j["tasks_per_gpu"] == "1" and j["slurm_extra"] == "--signal=USR1@300", j
-            assert int(j["cpus_per_task"]) == 8 and int(j["mem_mb"]) >= 32000, j
-    # UNO ImageNet: 2 GPUs = 2 tasks started by the rule's srun (mpi), evaluation on one GPU
-    multi = [j for j in jobs if j.get("gpu") == "2"]
-    assert multi and {j["rule"] for j in multi} == {"pretrain_supervised", "discover"}
-    assert all(j["tasks"] == "2" and j["mpi"] == "srun" for j in multi)
+            assert int(j["cpus_per_task"]) in (4, 8) and int(j["mem_mb"]) >= 32000, j  # per task (GPU)
+    # UNO and CLD on ImageNet: N GPUs = N tasks started by the rule's srun (mpi); evaluation on one GPU
+    multi = [j for j in jobs if int(j.get("gpu", 0)) > 1]
+    assert {j["rule"] for j in multi} == {"pretrain_supervised", "discover", "cld"}  # UNO and CLD on ImageNet
+    assert all(j["tasks"] == j["gpu"] and j["mpi"] == "srun" for j in multi)
+    assert not [j for j in jobs if j["rule"] == "evaluate" and j["gpu"] != "1"]
     assert not [j for j in jobs if j["rule"] == "kmeans" and j.get("gpu", "0") != "0"]
     assert {j["rule"] for j in jobs if "cpus_per_task" not in j} == {"prepare_dataset", "aggregate", "report", "all"}
 
@@ -120,4 +122,4 @@ def test_gres_switch():
     jobs = _dry_jobs("--config", "slurm={gpu_request: gres, gpu_model: a100}")
     gpu_jobs = [j for j in jobs if j["rule"] in GPU_RULES]
     assert gpu_jobs and all("gpu" not in j for j in gpu_jobs)
-    assert {j["gres"] for j in gpu_jobs} == {"gpu:a100:1", "gpu:a100:2"}
+    assert {j["gres"] for j in gpu_jobs} == {"gpu:a100:1", "gpu:a100:2", "gpu:a100:8"}

@@ -43,7 +43,13 @@ def test_embedded_dag(tmp_path):
     assert c["prepare_dataset"] == 1
     for rule in ("kmeans", "pretrain", "mine_neighbors", "scan", "selflabel", "pretrain_supervised", "discover"):
         assert c[rule] == 3, (rule, c)
-    assert c["evaluate"] == 15
+    # CLD: cld_digits and its baseline npid_digits, one cld stage each per seed
+    assert c["cld"] == 6
+    # SeLa: sela_digits, one sela stage per seed
+    assert c["sela"] == 3
+    # two-stage: Super-AND then stage 2 per seed, both evaluated
+    assert c["superand"] == c["twostage"] == 3
+    assert c["evaluate"] == 15 + 6 + 3 + 6
     assert c["aggregate"] == c["report"] == c["all"] == 1
 
 
@@ -58,6 +64,14 @@ def test_paper_dag_without_data(tmp_path):
     assert c["kmeans"] == 15
     # UNO: CIFAR-10 5/5, CIFAR-100 80/20 and 50/50 (5 seeds), ImageNet A/B/C (3 seeds)
     assert c["pretrain_supervised"] == c["discover"] == 3 * 5 + 3 * 3
+    # CLD: NPID and MoCo on CIFAR-10/100 with their lambda = 0 baselines (3 seeds), MoCo v2 and InfoMin
+    # on ImageNet with theirs (1 seed)
+    assert c["cld"] == 8 * 3 + 4 * 1
+    # SeLa: CIFAR-10 (3 seeds), AlexNet and ResNet-50 10x3k on ImageNet (1 seed)
+    assert c["sela"] == 3 + 2
+    # two-stage: CIFAR-10, CIFAR-100-20, CIFAR-100, STL-10 (5 seeds); the stage-2-only ablation is not in `all`
+    assert c["superand"] == c["twostage"] == 4 * 5
+    assert "twostage_cifar10-stage2only" not in out
     assert c["prepare_dataset"] == 5  # cifar10, cifar100-20, cifar100, stl10, imagenet
     assert f"{tmp_path}/data/imagenet/READY" in out
     assert "scan_digits" not in out  # run_experiments keeps config.yaml's experiments out
