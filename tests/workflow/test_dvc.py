@@ -4,6 +4,7 @@ step whose parameters change. A missing remote fails clearly and writes nothing.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,18 +16,13 @@ from test_workflow import (  # same folder: pytest puts it on sys.path
     ROOT,
     job_counts,
 )
+from test_workflow import TINY as WORKFLOW_TINY
 
 TINY = {
     "seeds": [0],
     "runtime": {"accelerator": "cpu", "threads": 1},
     "experiments": {
-        "scan_digits": {
-            "method": "scan", "dataset": "digits", "backbone": "small_cnn",
-            "backbone_kwargs": {"width": 8, "pool": 2},
-            "pretrain": {"epochs": 2, "batch_size": 256, "features_dim": 16},
-            "scan": {"epochs": 2, "batch_size": 256, "num_heads": 2},
-            "selflabel": {"epochs": 1, "batch_size": 256, "confidence_threshold": 0.5},
-        },
+        "scan_digits": copy.deepcopy(WORKFLOW_TINY["experiments"]["scan_digits"]),
     },
 }
 TRAINING = ("pretrain", "mine_neighbors", "scan", "selflabel", "evaluate", "prepare_dataset")

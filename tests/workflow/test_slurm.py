@@ -9,6 +9,7 @@ limit and GPU the config asked for, and the results equal those of a local run.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_workflow import ROOT, snakemake  # same folder: pytest puts it on sys.path
+from test_workflow import TINY as WORKFLOW_TINY
 
 CLUSTER = ROOT / "tests/slurm/cluster.sh"
 TRAINING = ("pretrain", "mine_neighbors", "scan", "selflabel", "evaluate")
@@ -30,13 +32,7 @@ TINY = {
     # gpu: the jobs ask for the (fake) GPU; the CPU still computes, deterministically
     "runtime": {"accelerator": "cpu", "threads": 1, "gpu": True, "deterministic": True, "mem_mb": 700, "time_min": 10},
     "experiments": {
-        "scan_digits": {
-            "method": "scan", "dataset": "digits", "backbone": "small_cnn",
-            "backbone_kwargs": {"width": 8, "pool": 2},
-            "pretrain": {"epochs": 2, "batch_size": 256, "features_dim": 16},
-            "scan": {"epochs": 2, "batch_size": 256, "num_heads": 2},
-            "selflabel": {"epochs": 1, "batch_size": 256, "confidence_threshold": 0.5},
-        },
+        "scan_digits": copy.deepcopy(WORKFLOW_TINY["experiments"]["scan_digits"]),
     },
 }
 

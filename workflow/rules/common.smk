@@ -76,8 +76,17 @@ def record_of(rule, out_dir):
     return f"{out_dir}/.{rule}.config"
 
 
-def _stage_dir(pattern, wildcards):
+def _fill(pattern, wildcards):
+    """A path pattern with this job's wildcards filled in."""
     return pattern.format(**dict(wildcards.items()))
+
+
+def _read_stripped(path):
+    """A small text file's content, or None when it does not exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
 
 
 def artifact_inputs(rule, out_dir, **artifacts):
@@ -86,8 +95,7 @@ def artifact_inputs(rule, out_dir, **artifacts):
 
     def inputs(wildcards):
         h = config_hash_of(wildcards)
-        record = record_of(rule, _stage_dir(out_dir, wildcards))
-        recorded = open(record).read().strip() if os.path.exists(record) else None
+        recorded = _read_stripped(record_of(rule, _fill(out_dir, wildcards)))
         stage = f"_{wildcards.stage}" if "stage" in wildcards.keys() else ""
         # one folder per stamp: Snakemake lists a folder once per DAG build (its file inventory),
         # so a stamp created in a folder it had already listed would look missing
@@ -97,8 +105,7 @@ def artifact_inputs(rule, out_dir, **artifacts):
             if not os.path.exists(stamp):
                 open(stamp, "w").close()
             os.utime(stamp, (1, 1))  # up to date: the stamp is older than any output
-        elif (not os.path.exists(stamp) or os.path.getmtime(stamp) <= 1
-              or open(stamp).read().strip() != h):
+        elif _read_stripped(stamp) != h or os.path.getmtime(stamp) <= 1:
             with open(stamp, "w") as f:  # changed (or never run): newer than the output
                 f.write(f"{h}\n")
         res = {"stamp": stamp}
@@ -107,7 +114,7 @@ def artifact_inputs(rule, out_dir, **artifacts):
         if recorded != h or os.path.exists(ready):
             res["ready"] = ready
         for name, pattern in artifacts.items():
-            res[name] = ancient(pattern.format(**dict(wildcards.items())))
+            res[name] = ancient(_fill(pattern, wildcards))
         return res
 
     return inputs
