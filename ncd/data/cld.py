@@ -20,18 +20,20 @@ Every kind ends with ToTensor and the normalisation of :func:`cld_normalization`
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from ncd.data.registry import CIFAR10_MEAN, CIFAR10_STD, DatasetInfo
+from ncd.data.transforms import GaussianBlur
+from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
+from ncd.ops.checks import check_options
 
 KINDS = ("npid", "mocov2", "infomin", "test", "linear", "linear_ra")
 
@@ -47,21 +49,12 @@ def cld_normalization(info: DatasetInfo) -> tuple[tuple[float, ...], tuple[float
     return info.mean, info.std
 
 
-class PILGaussianBlur:
-    """PIL Gaussian blur with radius σ ~ U(lo, hi), drawn per image (MoCo v2's ``GaussianBlur``)."""
-
-    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)) -> None:
-        self.sigma = (float(sigma[0]), float(sigma[1]))
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(sigma={self.sigma})"
+#: MoCo v2's PIL blur, σ ~ U(0.1, 2) per image (the one in :mod:`ncd.data.transforms`, under CLD's old name).
+PILGaussianBlur = GaussianBlur
 
 
 def _rand_augment(crop: int) -> Callable:
-    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.auto_augment import rand_augment_transform  # loaded lazily: timm is a heavy import
 
     mean = (0.485, 0.456, 0.406)
     return rand_augment_transform("rand-n2-m10-mstd0.5", {"translate_const": int(crop * 0.45),
@@ -76,10 +69,7 @@ def build_cld_transform(kind: str, info: DatasetInfo, **overrides: Any) -> Calla
     """
     if kind not in KINDS:
         raise NcdError(f"unknown CLD augmentation {kind!r}; expected one of {', '.join(KINDS)}")
-    unknown = sorted(set(overrides) - set(_DEFAULTS))
-    if unknown:
-        raise NcdError(f"unknown option(s) {', '.join(unknown)} for CLD augmentation {kind!r}; "
-                       f"expected: {', '.join(_DEFAULTS)}")
+    check_options(overrides, _DEFAULTS, f"CLD augmentation {kind!r}")
     o = {**_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     crop = int(o["crop_size"] or info.crop_size)
     mean, std = cld_normalization(info)
@@ -100,7 +90,7 @@ def build_cld_transform(kind: str, info: DatasetInfo, **overrides: Any) -> Calla
     elif kind == "mocov2":
         jitter = T.ColorJitter(*(o["jitter"] or (0.4, 0.4, 0.4, 0.1)))
         steps = [rrc, _apply(jitter, 0.8 if o["jitter_p"] is None else o["jitter_p"]), gray,
-                 _apply(PILGaussianBlur(), 0.5 if o["blur_p"] is None else o["blur_p"]), flip]
+                 _apply(GaussianBlur(), 0.5 if o["blur_p"] is None else o["blur_p"]), flip]
     else:  # infomin "D"; torchvision's blur pads by reflection like InfoMin's separable kernel
         jitter = T.ColorJitter(*(o["jitter"] or (0.8, 0.8, 0.8, 0.2)))
         steps = [rrc, flip, _apply(jitter, 0.8 if o["jitter_p"] is None else o["jitter_p"]),
@@ -158,22 +148,20 @@ class _Jigsaw:
         return torch.stack([self.per_patch(p) for p in self.crops(img)])
 
 
-class CLDViews(Dataset):
-    """``(views [V, C, H, W], target, index)`` with one independent draw per transform, or
-    ``((views, patches [9, C, h, w]), target, index)`` with a jigsaw transform."""
+class CLDViews(MultiView):
+    """``(views [V, C, H, W], target, index)`` with one independent draw per transform (a
+    :class:`~ncd.data.wrappers.MultiView`), or ``((views, patches [9, C, h, w]), target, index)`` with
+    a jigsaw transform (drawn after the views, from the same image)."""
 
     def __init__(self, base: Dataset, transforms: Sequence[Callable], jigsaw: Callable | None = None) -> None:
-        self.base, self.transforms, self.jigsaw = base, list(transforms), jigsaw
-
-    def __len__(self) -> int:
-        return len(self.base)
+        super().__init__(base, transforms)
+        self.jigsaw = jigsaw
 
     def __getitem__(self, i: int):
-        img, target = self.base[i]
-        views = torch.stack([t(img) for t in self.transforms])
         if self.jigsaw is None:
-            return views, target, i
-        return (views, self.jigsaw(img)), target, i
+            return super().__getitem__(i)
+        img, target = self.base[i]
+        return (self.views(img), self.jigsaw(img)), target, i
 
 
 __all__ = ["KINDS", "CLDViews", "JigsawCrop", "PILGaussianBlur", "build_cld_transform", "build_jigsaw_transform",

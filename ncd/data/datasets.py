@@ -159,10 +159,6 @@ _TV_CLASSES: dict[str, type] = {
 }
 
 
-def torchvision_class(name: str) -> type:
-    """The torchvision dataset class that reads ``name``'s files."""
-    return _TV_CLASSES[name]
-
 
 def expected_files(name: str) -> list[tuple[str, str]]:
     """``(path relative to root, md5)`` of every checksummed file, read from the torchvision

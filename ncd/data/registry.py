@@ -16,6 +16,7 @@ import torch
 
 from ncd.data import datasets as D
 from ncd.errors import NcdError
+from ncd.ops.checks import check_options
 from ncd.utils import write_text_atomic
 
 READY = "READY"
@@ -92,10 +93,7 @@ def _check_name(name: str) -> DatasetInfo:
 
 def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     allowed = _OPTIONS.get(name, {})
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise NcdError(f"unknown option(s) {', '.join(unknown)} for dataset '{name}'; expected "
-                       + (", ".join(allowed) if allowed else "none"))
+    check_options(options, allowed, f"dataset '{name}'")
     opts = {**allowed, **options}
     if "image_size" in opts and (not isinstance(opts["image_size"], int) or opts["image_size"] < 1):
         raise NcdError(f"image_size must be a positive integer, got {opts['image_size']!r}")

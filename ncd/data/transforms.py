@@ -9,11 +9,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from ncd.data.registry import DatasetInfo
 from ncd.errors import NcdError
+from ncd.ops.checks import check_options
 
 # --------------------------------------------------------------------------------------------
 # The 14 ops. Each takes (image, magnitude) and returns a new image of the same mode and size.
@@ -159,6 +160,20 @@ class Cutout:
         return f"{type(self).__name__}(length={self.length})"
 
 
+class GaussianBlur:
+    """PIL Gaussian blur with radius σ ~ U(lo, hi) from Python's ``random``, drawn per image (MoCo v2's
+    ``GaussianBlur``, used by UNO's ImageNet and CLD's ``mocov2`` augmentations)."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)) -> None:
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
 # --------------------------------------------------------------------------------------------
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -181,10 +196,7 @@ def build_transform(kind: str, info: DatasetInfo,
     if base not in _DEFAULTS:
         raise NcdError(f"unknown transform kind '{kind}'; expected one of: "
                        + ", ".join([*_DEFAULTS, *_ALIASES]))
-    unknown = sorted(set(overrides) - set(_DEFAULTS[base]))
-    if unknown:
-        raise NcdError(f"unknown option(s) {', '.join(unknown)} for transform '{kind}'; "
-                       f"expected: {', '.join(_DEFAULTS[base])}")
+    check_options(overrides, _DEFAULTS[base], f"transform '{kind}'")
     o = {**_DEFAULTS[base], **overrides}
     o["crop_size"] = o["crop_size"] or o["resize"] or info.crop_size
     normalize = [T.ToTensor(), T.Normalize(info.mean, info.std)]

@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from ncd.data.registry import DatasetInfo
+from ncd.data.transforms import GaussianBlur
 from ncd.errors import NcdError
+from ncd.ops.checks import check_options
 
 # --------------------------------------------------------------------------------------------
 # Class splits (METHODS.md 3.7)
@@ -127,19 +129,6 @@ class Equalize:
         return "Equalize()"
 
 
-class GaussianBlur:
-    """PIL Gaussian blur with radius drawn uniformly from ``sigma`` per call."""
-
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
-        self.sigma = sigma
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-    def __repr__(self) -> str:
-        return f"GaussianBlur(sigma={self.sigma})"
-
-
 _OVERRIDES = ("size", "small_size", "flip_p", "jitter_p", "solarize_p", "equalize_p", "padding")
 _KINDS = ("large", "small", "eval")
 
@@ -151,10 +140,7 @@ def _imagenet_like(info: DatasetInfo) -> bool:
 def _options(kind: str, info: DatasetInfo, overrides: dict[str, Any]) -> dict[str, Any]:
     if kind not in _KINDS:
         raise NcdError(f"unknown UNO transform kind '{kind}'; expected one of: {', '.join(_KINDS)}")
-    unknown = sorted(set(overrides) - set(_OVERRIDES))
-    if unknown:
-        raise NcdError(f"unknown option(s) {', '.join(unknown)} for UNO transform '{kind}'; "
-                       f"expected: {', '.join(_OVERRIDES)}")
+    check_options(overrides, _OVERRIDES, f"UNO transform '{kind}'")
     inet = _imagenet_like(info)
     size = overrides.get("size", info.crop_size)
     small_p = kind == "small"

@@ -8,36 +8,48 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ncd.errors import NcdError
 
-class Transformed(Dataset):
-    """``(transform(img), target, index)``."""
 
-    def __init__(self, base: Dataset, transform: Callable) -> None:
-        self.base, self.transform = base, transform
+class _Wrapper(Dataset):
+    """One item per item of ``base``."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
 
     def __len__(self) -> int:
         return len(self.base)
+
+
+class Transformed(_Wrapper):
+    """``(transform(img), target, index)``."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        super().__init__(base)
+        self.transform = transform
 
     def __getitem__(self, i: int):
         img, target = self.base[i]
         return self.transform(img), target, i
 
 
-class MultiView(Dataset):
+class MultiView(_Wrapper):
     """``(views [V, C, H, W], target, index)``: one independent draw per transform."""
 
     def __init__(self, base: Dataset, transforms: Sequence[Callable]) -> None:
-        self.base, self.transforms = base, list(transforms)
+        super().__init__(base)
+        self.transforms = list(transforms)
 
-    def __len__(self) -> int:
-        return len(self.base)
+    def views(self, img) -> torch.Tensor:
+        """``[V, C, H, W]``: each transform applied to ``img``, in order."""
+        return torch.stack([t(img) for t in self.transforms])
 
     def __getitem__(self, i: int):
         img, target = self.base[i]
-        return torch.stack([t(img) for t in self.transforms]), target, i
+        return self.views(img), target, i
 
 
-class NeighborsDataset(Dataset):
+class NeighborsDataset(_Wrapper):
     """SCAN's training pairs: ``(anchor, neighbour, target, index)``.
 
     Keeps the first ``num_neighbors + 1`` columns of the neighbour table (column 0 is the
@@ -48,15 +60,10 @@ class NeighborsDataset(Dataset):
     def __init__(self, base: Dataset, neighbors: np.ndarray, anchor_transform: Callable,
                  neighbor_transform: Callable, num_neighbors: int) -> None:
         if neighbors.shape[0] != len(base):
-            from ncd.errors import NcdError
-
             raise NcdError(f"neighbour table has {neighbors.shape[0]} rows, expected {len(base)} (one per image)")
-        self.base = base
+        super().__init__(base)
         self.neighbors = np.asarray(neighbors)[:, : num_neighbors + 1]
         self.anchor_transform, self.neighbor_transform = anchor_transform, neighbor_transform
-
-    def __len__(self) -> int:
-        return len(self.base)
 
     def __getitem__(self, i: int):
         anchor, target = self.base[i]
@@ -65,14 +72,12 @@ class NeighborsDataset(Dataset):
         return self.anchor_transform(anchor), self.neighbor_transform(neighbor), target, i
 
 
-class WeakStrong(Dataset):
+class WeakStrong(_Wrapper):
     """Self-labeling pairs: ``(weak view, strong view, target, index)``."""
 
     def __init__(self, base: Dataset, weak: Callable, strong: Callable) -> None:
-        self.base, self.weak, self.strong = base, weak, strong
-
-    def __len__(self) -> int:
-        return len(self.base)
+        super().__init__(base)
+        self.weak, self.strong = weak, strong
 
     def __getitem__(self, i: int):
         img, target = self.base[i]

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ncd.errors import NcdError
-from ncd.losses._checks import check_tensor, check_tensor_pair
+from ncd.losses.memory import check_memory_batch
+from ncd.ops.checks import check_positive, check_tensor, check_tensor_pair
 
 __all__ = ["batch_kmeans", "cld_loss", "npid_loss", "moco_logits", "enqueue"]
 
@@ -21,12 +22,6 @@ def _positive_int(value: int, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or int(value) < minimum:
         raise NcdError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _positive(value: float, name: str) -> float:
-    if not float(value) > 0:
-        raise NcdError(f"{name} must be > 0, got {value!r}")
-    return float(value)
 
 
 def batch_kmeans(x: Tensor, num_clusters: int, iters: int = 5) -> tuple[Tensor, Tensor]:
@@ -83,7 +78,7 @@ def cld_loss(f1: Tensor, f2: Tensor, num_clusters: int, temperature: float = 0.2
     "group acc", as a fraction instead of percent).
     """
     check_tensor_pair(f1, "f1", f2, "f2", 2, "[B, d]")
-    tau = _positive(temperature, "temperature")
+    tau = check_positive(temperature, "temperature")
     labels1, c1 = batch_kmeans(f1, num_clusters, iters)
     labels2, c2 = batch_kmeans(f2, num_clusters, iters)
     if detach_centroids:
@@ -94,15 +89,6 @@ def cld_loss(f1: Tensor, f2: Tensor, num_clusters: int, temperature: float = 0.2
     group_acc = (logits1.detach().argmax(dim=1) == labels2).to(f1.dtype).mean()
     return {"loss": loss, "labels1": labels1, "labels2": labels2, "centroids1": c1, "centroids2": c2,
             "group_acc": group_acc}
-
-
-def _check_index(index: Tensor, n: int, b: int) -> Tensor:
-    index = torch.as_tensor(index)
-    if index.dim() != 1 or index.shape[0] != b or index.dtype not in (torch.int64, torch.int32):
-        raise NcdError(f"index must be an integer vector of length {b}, got {tuple(index.shape)} {index.dtype}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
-        raise NcdError(f"index must lie in 0..{n - 1} (the memory's rows), got [{int(index.min())}, {int(index.max())}]")
-    return index.long()
 
 
 def npid_loss(features: Tensor, index: Tensor, memory: Tensor, temperature: float = 0.1) -> Tensor:
@@ -125,12 +111,8 @@ def npid_loss(features: Tensor, index: Tensor, memory: Tensor, temperature: floa
     ``features`` ``[B, d]`` (L2-normalised), ``index`` int64 ``[B]``, ``memory`` ``[N, d]``.
     Returns the batch-mean loss (a scalar).
     """
-    check_tensor(features, "features", 2)
-    check_tensor(memory, "memory", 2)
-    if features.shape[1] != memory.shape[1]:
-        raise NcdError(f"features have {features.shape[1]} columns but the memory has {memory.shape[1]}; expected equal")
-    index = _check_index(index, memory.shape[0], features.shape[0]).to(features.device)
-    tau = _positive(temperature, "temperature")
+    index = check_memory_batch(features, index, memory, features.device)
+    tau = check_positive(temperature, "temperature")
     logits = features @ memory.detach().to(features.dtype).t() / tau
     return F.cross_entropy(logits, index)
 
@@ -148,7 +130,7 @@ def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07) 
     check_tensor(queue, "queue", 2)
     if queue.shape[1] != q.shape[1]:
         raise NcdError(f"queue has {queue.shape[1]} columns but q has {q.shape[1]}; expected the queue as [Q, d]")
-    tau = _positive(temperature, "temperature")
+    tau = check_positive(temperature, "temperature")
     k = k.detach()
     pos = (q * k).sum(dim=1, keepdim=True)
     neg = q @ queue.detach().to(q.dtype).t()

@@ -7,9 +7,19 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ncd.errors import NcdError
-from ncd.losses._checks import check_tensor
+from ncd.ops.checks import check_index, check_tensor
 
-__all__ = ["memory_bank_update"]
+__all__ = ["memory_bank_update", "check_memory_batch"]
+
+
+def check_memory_batch(features: Tensor, index: Tensor, memory: Tensor, device: torch.device) -> Tensor:
+    """``features`` ``[B, d]`` and ``memory`` ``[N, d]`` floating point with the same ``d``, and ``index``
+    B rows of the memory: returns the index as int64 on ``device``; else :class:`NcdError` naming it."""
+    check_tensor(features, "features", 2)
+    check_tensor(memory, "memory", 2)
+    if features.shape[1] != memory.shape[1]:
+        raise NcdError(f"features have {features.shape[1]} columns but the memory has {memory.shape[1]}; expected equal")
+    return check_index(index, features.shape[0], memory.shape[0], device=device)
 
 
 @torch.no_grad()
@@ -27,16 +37,7 @@ def memory_bank_update(memory: Tensor, features: Tensor, index: Tensor, momentum
     ``memory`` ``[N, d]`` is not modified: a new tensor is returned; ``features`` ``[B, d]`` are
     detached; ``index`` ``[B]`` int64.
     """
-    check_tensor(memory, "memory", 2)
-    check_tensor(features, "features", 2)
-    if features.shape[1] != memory.shape[1]:
-        raise NcdError(f"features have {features.shape[1]} columns but the memory has {memory.shape[1]}; expected equal")
-    index = torch.as_tensor(index, device=memory.device)
-    if index.dim() != 1 or index.shape[0] != features.shape[0] or index.dtype not in (torch.int64, torch.int32):
-        raise NcdError(f"index must be an integer vector of length {features.shape[0]}, got {tuple(index.shape)} {index.dtype}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= memory.shape[0]):
-        raise NcdError(f"index must lie in 0..{memory.shape[0] - 1}, got [{int(index.min())}, {int(index.max())}]")
-    index = index.long()
+    index = check_memory_batch(features, index, memory, memory.device)
     x = features.detach().to(memory.dtype)
     new_rows = F.normalize(momentum * memory[index] + (1.0 - momentum) * x, dim=1)
     # keep only the last occurrence of each row so the result does not depend on scatter order

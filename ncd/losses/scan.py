@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ncd.errors import NcdError
-from ncd.losses._checks import check_tensor as _check_tensor
-from ncd.losses._checks import check_tensor_pair
+from ncd.ops.checks import check_tensor as _check_tensor
+from ncd.ops.checks import check_tensor_pair
 
 __all__ = ["simclr_loss", "scan_loss", "confidence_ce", "EmptyMaskError", "EPS"]
 

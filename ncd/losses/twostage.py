@@ -17,26 +17,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ncd.errors import NcdError
-from ncd.losses._checks import check_tensor, check_tensor_pair
+from ncd.ops.checks import check_index, check_positive, check_tensor, check_tensor_pair
+from ncd.ops.normalized import l2_normalize, normalized_fc
 
 __all__ = ["anchor_neighbourhoods", "super_and_loss", "iic_loss", "cp_loss", "twostage_loss", "IIC_EPS"]
 
 #: Clamp of the joint and marginals in :func:`iic_loss` (``sys.float_info.epsilon`` upstream).
 IIC_EPS = sys.float_info.epsilon
-
-
-def _index_vector(index: Tensor, n: int, size: int, name: str, device: torch.device) -> Tensor:
-    index = torch.as_tensor(index, device=device)
-    if index.dim() != 1 or index.shape[0] != n or index.dtype not in (torch.int64, torch.int32):
-        raise NcdError(f"{name} must be an integer vector of length {n}, got shape {tuple(index.shape)} {index.dtype}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-        raise NcdError(f"{name} must lie in 0..{size - 1}, got [{int(index.min())}, {int(index.max())}]")
-    return index.long()
-
-
-def _l2norm(x: Tensor) -> Tensor:
-    """The official ``Normalize(2)``: x / ||x|| per row, no epsilon."""
-    return x / x.pow(2).sum(1, keepdim=True).pow(0.5)
 
 
 @torch.no_grad()
@@ -68,8 +55,7 @@ def anchor_neighbourhoods(memory: Tensor, round: int, select_rate: float = 0.25,
         raise NcdError(f"select_rate must lie in [0, 1], got {select_rate}")
     if not 1 <= int(ans_size) <= n - 1:
         raise NcdError(f"ans_size must lie in 1..{n - 1} (other rows of a {n}-row memory), got {ans_size}")
-    if not temperature > 0:
-        raise NcdError(f"temperature must be > 0, got {temperature}")
+    check_positive(temperature, "temperature")
     ans_size = int(ans_size)
     entropy = torch.empty(n, dtype=memory.dtype, device=memory.device)
     for s in range(0, n, chunk_size):
@@ -131,10 +117,8 @@ def cp_loss(x: Tensor, temperature: float = 0.1, neg_m: float = 1.0) -> Tensor:
     at least two images (a lone pair has no negative). Returns a scalar.
     """
     _check_views(x, "x")
-    if not temperature > 0:
-        raise NcdError(f"temperature must be > 0, got {temperature}")
-    if not neg_m > 0:
-        raise NcdError(f"neg_m must be > 0, got {neg_m}")
+    check_positive(temperature, "temperature")
+    check_positive(neg_m, "neg_m")
     return _batch_instance_loss(x, float(temperature), float(neg_m))
 
 
@@ -166,19 +150,18 @@ def super_and_loss(features: Tensor, index: Tensor, memory: Tensor, anchors: Ten
         raise NcdError(f"memory has {memory.shape[1]} columns but features have {features.shape[1]}; expected equal")
     n_mem = memory.shape[0]
     b = features.shape[0] // 2
-    index = _index_vector(index, b, n_mem, "index", features.device)
+    index = check_index(index, b, n_mem, "index", features.device)
     anchors = torch.as_tensor(anchors, device=features.device)
     neighbours = torch.as_tensor(neighbours, device=features.device)
     if anchors.dim() != 1 or neighbours.dim() != 2 or neighbours.shape[0] != anchors.shape[0]:
         raise NcdError(f"anchors must be [A] and neighbours [A, k], got {tuple(anchors.shape)} and "
                        f"{tuple(neighbours.shape)}")
-    anchors = _index_vector(anchors, anchors.shape[0], n_mem, "anchors", features.device)
+    anchors = check_index(anchors, anchors.shape[0], n_mem, "anchors", features.device)
     if neighbours.numel():
-        _index_vector(neighbours.reshape(-1), neighbours.numel(), n_mem, "neighbours", features.device)
+        check_index(neighbours.reshape(-1), neighbours.numel(), n_mem, "neighbours", features.device)
     neighbours = neighbours.long()
     for name, v in (("npc_temperature", npc_temperature), ("batch_temperature", batch_temperature), ("neg_m", neg_m)):
-        if not v > 0:
-            raise NcdError(f"{name} must be > 0, got {v}")
+        check_positive(v, name)
     if not ue_weight >= 0:
         raise NcdError(f"ue_weight must be >= 0, got {ue_weight}")
 
@@ -196,7 +179,7 @@ def super_and_loss(features: Tensor, index: Tensor, memory: Tensor, anchors: Ten
         p[is_anchor] = p[is_anchor] + preds[is_anchor].gather(1, nb).sum(1)
     loss_and = -p.log().sum() / (2 * b)
 
-    loss_aug = _batch_instance_loss(_l2norm(logits), float(batch_temperature), float(neg_m))
+    loss_aug = _batch_instance_loss(l2_normalize(logits), float(batch_temperature), float(neg_m))
 
     masked = logits.scatter(1, y.view(-1, 1), -10.0)
     loss_ue = -(F.softmax(masked, 1) * F.log_softmax(masked, 1)).sum() / (2 * b)
@@ -246,8 +229,6 @@ def twostage_loss(features: Tensor, head_weights: Tensor, head_temperature: floa
 
     Returns ``loss``, ``loss_mi`` (mean over heads), ``loss_cp`` and ``mi_per_head`` ``[H]``.
     """
-    from ncd.models.sobel import normalized_fc
-
     _check_views(features, "features")
     check_tensor(head_weights, "head_weights", 3)
     if head_weights.shape[1] != features.shape[1] or head_weights.shape[0] < 1:

@@ -15,15 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ncd.errors import NcdError
-from ncd.losses._checks import check_tensor as _check_tensor
-from ncd.losses._checks import check_tensor_pair
+from ncd.ops.checks import check_positive as _check_positive
+from ncd.ops.checks import check_tensor as _check_tensor
+from ncd.ops.checks import check_tensor_pair
 
 __all__ = ["sinkhorn_knopp", "swapped_prediction", "uno_loss"]
-
-
-def _check_positive(value: float, name: str) -> None:
-    if not value > 0:
-        raise NcdError(f"{name} must be > 0, got {value}")
 
 
 def _check_count(value: int, name: str, minimum: int) -> None:
@@ -128,37 +124,10 @@ def _targets(logits_lab: Tensor, logits_unlab: Tensor, labels: Tensor, nlc: int,
     return targets
 
 
-def uno_loss(
-    logits_lab: Tensor,
-    logits_unlab: Tensor,
-    logits_unlab_over: Tensor,
-    labels: Tensor,
-    num_labeled_classes: int,
-    num_large_crops: int = 2,
-    temperature: float = 0.1,
-    epsilon: float = 0.05,
-    iters: int = 3,
-) -> dict[str, Tensor]:
-    r"""UNO's whole discovery objective for one training step (``Discoverer.training_step``, UNO v2;
-    Fini et al., ICCV 2021, sec. 3).
-
-    Inputs are the head outputs for ``V`` views (large crops first): ``logits_lab [V, B, nlc]``,
-    ``logits_unlab [V, H, B, nuc]``, ``logits_unlab_over [V, H, B, nuc·f]``, and ``labels [B]``
-    (rows with ``label < nlc`` are labeled, all others unlabeled). Per view and head the logits are
-    ``[logits_lab ‖ logits_unlab]`` (labeled logits in front, shared by all heads). Targets, large crops
-    only: labeled rows get ``one_hot(label)`` over the first ``nlc`` entries and zeros after; unlabeled
-    rows get zeros first and :func:`sinkhorn_knopp` of that view's and head's unlabeled-row logits after
-    (run per large view and per head on the unlabeled rows of the batch only). The same is built for the
-    over-clustering heads. With :func:`swapped_prediction` per head:
-
-    .. math::
-        \text{loss} = \tfrac12\big(\mathrm{mean}_h\,\mathcal{L}^{\text{cluster}}_h
-            + \mathrm{mean}_h\,\mathcal{L}^{\text{over}}_h\big)
-
-    Returns a dict: ``loss`` (back-propagated), ``loss_cluster`` and ``loss_overcluster`` (means over
-    heads, scalars) and ``loss_per_head`` ``[H]``: the detached per-head *cluster* loss, which is what the
-    official code adds to its ``loss_per_head`` buffer to pick the best head (METHODS.md 3.3).
-    """
+def _check_uno_inputs(logits_lab: Tensor, logits_unlab: Tensor, logits_unlab_over: Tensor, labels: Tensor,
+                      num_labeled_classes: int, num_large_crops: int, temperature: float, epsilon: float,
+                      iters: int) -> None:
+    """:func:`uno_loss`'s shape, dtype and parameter checks: :class:`NcdError` naming the bad input."""
     _check_tensor(logits_lab, "logits_lab", 3)
     _check_tensor(logits_unlab, "logits_unlab", 4)
     _check_tensor(logits_unlab_over, "logits_unlab_over", 4)
@@ -197,6 +166,42 @@ def uno_loss(
     _check_positive(temperature, "temperature")
     _check_positive(epsilon, "epsilon")
     _check_count(iters, "iters", 0)
+
+
+def uno_loss(
+    logits_lab: Tensor,
+    logits_unlab: Tensor,
+    logits_unlab_over: Tensor,
+    labels: Tensor,
+    num_labeled_classes: int,
+    num_large_crops: int = 2,
+    temperature: float = 0.1,
+    epsilon: float = 0.05,
+    iters: int = 3,
+) -> dict[str, Tensor]:
+    r"""UNO's whole discovery objective for one training step (``Discoverer.training_step``, UNO v2;
+    Fini et al., ICCV 2021, sec. 3).
+
+    Inputs are the head outputs for ``V`` views (large crops first): ``logits_lab [V, B, nlc]``,
+    ``logits_unlab [V, H, B, nuc]``, ``logits_unlab_over [V, H, B, nuc·f]``, and ``labels [B]``
+    (rows with ``label < nlc`` are labeled, all others unlabeled). Per view and head the logits are
+    ``[logits_lab ‖ logits_unlab]`` (labeled logits in front, shared by all heads). Targets, large crops
+    only: labeled rows get ``one_hot(label)`` over the first ``nlc`` entries and zeros after; unlabeled
+    rows get zeros first and :func:`sinkhorn_knopp` of that view's and head's unlabeled-row logits after
+    (run per large view and per head on the unlabeled rows of the batch only). The same is built for the
+    over-clustering heads. With :func:`swapped_prediction` per head:
+
+    .. math::
+        \text{loss} = \tfrac12\big(\mathrm{mean}_h\,\mathcal{L}^{\text{cluster}}_h
+            + \mathrm{mean}_h\,\mathcal{L}^{\text{over}}_h\big)
+
+    Returns a dict: ``loss`` (back-propagated), ``loss_cluster`` and ``loss_overcluster`` (means over
+    heads, scalars) and ``loss_per_head`` ``[H]``: the detached per-head *cluster* loss, which is what the
+    official code adds to its ``loss_per_head`` buffer to pick the best head (METHODS.md 3.3).
+    """
+    _check_uno_inputs(logits_lab, logits_unlab, logits_unlab_over, labels, num_labeled_classes, num_large_crops,
+                      temperature, epsilon, iters)
+    nlc, h = num_labeled_classes, logits_unlab.shape[1]
     labels = labels.to(logits_lab.device)
 
     lab = logits_lab.unsqueeze(1).expand(-1, h, -1, -1)

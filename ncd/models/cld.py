@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ncd.errors import NcdError
+from ncd.models.backbones import build_backbone
 
 HEADS = ("linear", "normlinear")
 
@@ -124,8 +125,6 @@ def build_cld_backbone(name: str, in_channels: int, pool_len: int = 0, **kwargs:
     """The shared backbone registry, plus CLD's ``pool_len``: a fixed average-pool window on the
     CIFAR ResNet-18 (4 for 32×32 inputs, 7 for 96×96 STL-10, as CLD's ``F.avg_pool2d``; 0 = the
     backbone's own global pool)."""
-    from ncd.models import build_backbone
-
     backbone, dim = build_backbone(name, in_channels, **kwargs)
     if pool_len:
         if name != "resnet18_cifar":

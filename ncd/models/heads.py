@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ncd.errors import NcdError
+
 
 class ContrastiveModel(nn.Module):
     """Backbone → MLP head (dim → dim → ReLU → features_dim) → L2 normalisation (SCAN 1.2)."""
@@ -25,8 +27,6 @@ class ContrastiveModel(nn.Module):
             # MoCo features are mined on the backbone output itself (SCAN 1.6)
             self.contrastive_head = nn.Identity()
         else:
-            from ncd.errors import NcdError
-
             raise NcdError(f"unknown contrastive head {head!r}; expected 'mlp', 'linear' or 'identity'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,6 @@ class ClusteringModel(nn.Module):
     def forward(self, x: torch.Tensor, forward_pass: str = "default") -> torch.Tensor:
         """Logits ``[H, B, K]``; ``forward_pass="backbone"`` returns the features instead."""
         if forward_pass not in ("default", "backbone", "head"):
-            from ncd.errors import NcdError
-
             raise NcdError(f"unknown forward_pass {forward_pass!r}; expected 'default', 'backbone' or 'head'")
         if forward_pass == "head":
             feats = x

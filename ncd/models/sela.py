@@ -84,7 +84,7 @@ def sela_resnetv2_50(in_channels: int = 3, final_norm: bool = False, init: str =
     * ``init="torch"``: SeLa's network keeps PyTorch's default initialisation; timm re-initialises
       convs (Kaiming normal, fan-out). ``init="timm"`` keeps timm's.
     """
-    import timm
+    import timm  # loaded lazily: a heavy import (seconds) that only this backbone needs
 
     if init not in ("torch", "timm"):
         raise NcdError(f"resnetv2_50 init must be 'torch' (SeLa's) or 'timm', got {init!r}")

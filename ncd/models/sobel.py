@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ncd.errors import NcdError
+from ncd.models.backbones import build_backbone
+from ncd.ops.init import npid_memory_init
+from ncd.ops.normalized import l2_normalize, normalized_fc
 
 __all__ = ["ResNet18withSobel", "SuperANDModel", "TwoStageModel", "normalized_fc", "sobel_model_from_arch"]
 
@@ -40,8 +42,6 @@ class ResNet18withSobel(nn.Module):
     def __init__(self, low_dim: int = 128, in_channels: int = 3, backbone: str = "resnet18_cifar",
                  backbone_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
-        from ncd.models import build_backbone  # ncd.models imports this module
-
         if int(low_dim) < 1:
             raise NcdError(f"low_dim must be >= 1, got {low_dim}")
         kw = dict(backbone_kwargs or {})
@@ -65,35 +65,7 @@ class ResNet18withSobel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.cat([self.trunk(x), self.trunk_sobel(self.sobel(x))], dim=1)
-        out = self.linear(out)
-        # the official Normalize: x / ||x||, no epsilon
-        return out / out.pow(2).sum(1, keepdim=True).pow(0.5)
-
-
-def normalized_fc(features: Tensor, weight: Tensor, temperature: float = 0.1, normalize: str = "row") -> Tensor:
-    r"""One fixed normalised softmax head of the two-stage classifier (``_Head_fc``), ``[N, C]``.
-
-    Han et al., ECCV 2020, Eq. 13: :math:`y = \mathrm{softmax}(z\,\hat W / \tau_c)` with
-    ``features`` :math:`z` ``[N, d]`` and ``weight`` :math:`W` ``[d, C]``, no bias.
-
-    ``normalize="row"`` (default, the official code): :math:`\hat W_{k,:} = W_{k,:} / \lVert W_{k,:}\rVert`,
-    each feature row normalised across the C classes (the official ``Normalize`` applied to the
-    ``d × C`` matrix). ``normalize="column"`` (the paper's Eq. 13): each class vector
-    :math:`W_{:,j}` has unit length.
-    """
-    from ncd.losses._checks import check_tensor
-
-    check_tensor(features, "features", 2)
-    check_tensor(weight, "weight", 2)
-    if weight.shape[0] != features.shape[1]:
-        raise NcdError(f"weight must be [d={features.shape[1]}, C], got {tuple(weight.shape)}")
-    if not temperature > 0:
-        raise NcdError(f"temperature must be > 0, got {temperature}")
-    if normalize not in ("row", "column"):
-        raise NcdError(f"normalize must be 'row' (official code) or 'column' (paper Eq. 13), got {normalize!r}")
-    dim = 1 if normalize == "row" else 0
-    w = weight / weight.pow(2).sum(dim, keepdim=True).pow(0.5)
-    return F.softmax(torch.mm(features, w) / temperature, dim=1)
+        return l2_normalize(self.linear(out))  # the official Normalize: x / ||x||, no epsilon
 
 
 class SuperANDModel(nn.Module):
@@ -103,10 +75,8 @@ class SuperANDModel(nn.Module):
     def __init__(self, encoder: ResNet18withSobel, memory_size: int) -> None:
         super().__init__()
         self.encoder = encoder
-        d = encoder.low_dim
         # NonParametricClassifier's initialisation: uniform in [-s, s], s = 1/sqrt(d/3)
-        stdv = 1.0 / (d / 3) ** 0.5
-        self.register_buffer("memory", torch.rand(int(memory_size), d).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory", npid_memory_init(int(memory_size), encoder.low_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(x)

@@ -8,10 +8,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ncd.data import Cutout, RandAugmentOurs, build_transform, get_info
-from ncd.data.transforms import OPS, apply_op
+from ncd.data import cld as cld_data
+from ncd.data import uno as uno_data
+from ncd.data.transforms import OPS, GaussianBlur, apply_op
 from ncd.errors import NcdError
 
 RGB = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
@@ -188,3 +190,19 @@ def test_transforms_pickle(kind):
     # DataLoader workers started with spawn/forkserver receive the transform by pickle.
     t = pickle.loads(pickle.dumps(build_transform(kind, get_info("cifar10"))))
     assert t(RGB).shape == (3, 32, 32)
+
+
+def test_one_pil_gaussian_blur_for_uno_and_cld():
+    """UNO's ``GaussianBlur`` and CLD's ``PILGaussianBlur`` are the one blur: radius ~ U(σ_lo, σ_hi) from
+    Python's ``random``, one draw per image."""
+    assert uno_data.GaussianBlur is GaussianBlur and cld_data.PILGaussianBlur is GaussianBlur
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    blur = GaussianBlur((0.5, 3))
+    assert blur.sigma == (0.5, 3.0) and repr(blur) == "GaussianBlur(sigma=(0.5, 3.0))"
+    random.seed(4)
+    got = [np.asarray(blur(img)) for _ in range(2)]
+    random.seed(4)
+    want = [np.asarray(img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.5, 3.0)))) for _ in range(2)]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert not np.array_equal(got[0], got[1])  # a fresh radius per image

@@ -293,7 +293,12 @@ def test_head_losses_gather_path_equals_full_matrix(monkeypatch):
     gathered = scan_head_losses(probs, nbrs)
     for key in ("entropy", "consistency", "total"):
         torch.testing.assert_close(gathered[key], full[key], rtol=1e-6, atol=1e-7)
-    assert gathered["best_head"] == full["best_head"]
+    # the same head, unless two heads' totals tie within that tolerance (then either is a minimum)
+    total = full["total"].double()
+    tie = 1e-6 * float(total.abs().max()) + 1e-7
+    assert float(total[gathered["best_head"]]) <= float(total.min()) + tie
+    if int((total <= total.min() + tie).sum()) == 1:
+        assert gathered["best_head"] == full["best_head"]
     ents, conss, tots = ref_head_losses(probs.double().numpy(), nbrs.numpy())
     np.testing.assert_allclose(gathered["consistency"].numpy(), conss, rtol=1e-5)
 

@@ -38,11 +38,34 @@ def make_data(n_train, n_test, d, c, seed, dtype=torch.float64):
     return ftr, ytr, fte, yte
 
 
+def _clear(values: np.ndarray, cuts: tuple[int, ...], rtol: float) -> bool:
+    """``values`` sorted descending: the ``cut`` largest are set apart from the rest by more than ``rtol``
+    (relative to the largest) for every cut, exact ties aside (zero scores of classes without
+    neighbours rank by id everywhere)."""
+    top = np.sort(values)[::-1]
+    gaps = [top[c - 1] - top[c] for c in cuts if c < len(top)]
+    return all(g > rtol * abs(top[0]) or g == 0 for g in gaps)
+
+
+def untied_data(n_train, n_test, d, c, seed, k, sigma, rtol=1e-9, dtype=torch.float64):
+    """:func:`make_data` whose reference has no near-tie that rounding could flip: not at the k-th
+    neighbour's cut, nor at the top-1 and top-5 cuts of the ranked class scores. A draw with one is
+    redrawn from another seed; ``rtol`` is the relative size of a tie (larger for float32 features)."""
+    for attempt in range(100):
+        ftr, ytr, fte, yte = make_data(n_train, n_test, d, c, seed + 7919 * attempt, dtype)
+        ftr64, fte64 = ftr.double().numpy(), fte.double().numpy()
+        sims = fte64 @ ftr64.T
+        scores = ref_knn(ftr64, ytr.numpy(), fte64, yte.numpy(), c, k, sigma)[0]
+        if all(_clear(row, (k,), rtol) for row in sims) and all(_clear(row, (1, 5), rtol) for row in scores):
+            return ftr, ytr, fte, yte
+    raise AssertionError(f"no tie-free kNN data for seed {seed} in 100 tries")
+
+
 @pytest.mark.parametrize("k", [1, 5, 200, 1000])
 @pytest.mark.parametrize("sigma", [0.07, 0.1, 0.5])
 @pytest.mark.parametrize("c", [2, 3, 10])
 def test_knn_matches_reference(k, sigma, c):
-    ftr, ytr, fte, yte = make_data(120, 30, 8, c, seed=k + c)
+    ftr, ytr, fte, yte = untied_data(120, 30, 8, c, k + c, k, sigma)
     out = weighted_knn(ftr, ytr, fte, yte, c, k=k, sigma=sigma)
     scores, preds, top1, top5 = ref_knn(ftr.numpy(), ytr.numpy(), fte.numpy(), yte.numpy(), c, k, sigma)
     assert set(out) == {"top1", "top5", "class_scores", "predictions"}
@@ -56,7 +79,7 @@ def test_knn_matches_reference(k, sigma, c):
 
 
 def test_knn_defaults_k200_sigma01():
-    ftr, ytr, fte, yte = make_data(250, 20, 6, 4, seed=1, dtype=torch.float32)
+    ftr, ytr, fte, yte = untied_data(250, 20, 6, 4, 1, 200, 0.1, rtol=1e-5, dtype=torch.float32)  # float32 vs float64
     out = weighted_knn(ftr, ytr, fte, yte, 4)
     scores, preds, top1, _ = ref_knn(ftr.double().numpy(), ytr.numpy(), fte.double().numpy(), yte.numpy(), 4, 200, 0.1)
     np.testing.assert_allclose(out["class_scores"].numpy(), scores, rtol=1e-4)
@@ -66,7 +89,7 @@ def test_knn_defaults_k200_sigma01():
 
 @pytest.mark.parametrize("chunk", [1, 7, 1024])
 def test_knn_chunking_does_not_change_results(chunk):
-    ftr, ytr, fte, yte = make_data(80, 33, 5, 6, seed=2)
+    ftr, ytr, fte, yte = untied_data(80, 33, 5, 6, 2, 10, 0.1)
     ref = weighted_knn(ftr, ytr, fte, yte, 6, k=10)
     out = weighted_knn(ftr, ytr, fte, yte, 6, k=10, chunk_size=chunk)
     # a 1-row matmul may round differently from a many-row one: equal up to float64 ulps

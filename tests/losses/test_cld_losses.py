@@ -11,14 +11,33 @@ from ncd.losses import batch_kmeans, cld_loss, enqueue, memory_bank_update, moco
 
 
 # ------------------------------------------------------------------------------ NumPy references
-def kmeans_ref(x: np.ndarray, k: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
+#: scores closer than this are a tie up to rounding (another summation order may pick either)
+TIE_ATOL = 1e-9
+
+
+def margin(scores: np.ndarray, centroids: np.ndarray, lowest: bool) -> float:
+    """The smallest gap, over the rows of ``scores`` ``[B, K]``, between the best column (lowest or
+    highest) and the best column whose centroid differs from the winner's. Identical centroids (the
+    zero vectors of empty clusters) tie exactly in every implementation, and both take the first."""
+    gaps = [np.inf]
+    for row in scores:
+        win = int(np.argmin(row) if lowest else np.argmax(row))
+        other = [j for j in range(len(row)) if not np.array_equal(centroids[j], centroids[win])]
+        if other:
+            gaps.append(float(np.min(np.abs(row[other] - row[win]))))
+    return min(gaps)
+
+
+def kmeans_ref(x: np.ndarray, k: int, iters: int, gaps: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The official loop written out: first-K init, squared distances, first minimum wins,
-    plain means, zero vector for an empty cluster."""
+    plain means, zero vector for an empty cluster. ``gaps`` collects each assignment's :func:`margin`."""
     c = x[:k].copy()
     labels = None
     for _ in range(iters):
         dist = np.array([[np.sum((xi - cj) ** 2) for cj in c] for xi in x])
         labels = np.array([int(np.argmin(row)) for row in dist])  # np.argmin: first minimum
+        if gaps is not None:
+            gaps.append(margin(dist, c, lowest=True))
         new = np.zeros((k, x.shape[1]))
         for j in range(k):
             members = x[labels == j]
@@ -58,12 +77,27 @@ def unit(g: np.random.Generator, b: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def untied_unit(g: np.random.Generator, b: int, d: int, k: int, iters: int, views: int = 1) -> list[np.ndarray]:
+    """``views`` batches of unit rows whose k-means assignments (and, for two views, the cross-view
+    nearest centroids of the group accuracy) have no near-tie: a draw with a gap below
+    :data:`TIE_ATOL` is redrawn, so the exact label comparisons do not hang on rounding."""
+    for _ in range(100):
+        xs = [unit(g, b, d) for _ in range(views)]
+        gaps: list[float] = []
+        cents = [kmeans_ref(x, k, iters, gaps)[1] for x in xs]
+        if views == 2:
+            gaps.append(margin(xs[0] @ cents[1].T, cents[1], lowest=False))
+        if min(gaps) > TIE_ATOL:
+            return xs
+    raise AssertionError(f"no tie-free draw of {views} x [{b}, {d}] for k={k} in 100 tries")
+
+
 # ----------------------------------------------------------------------------------- batch_kmeans
 @pytest.mark.parametrize("b,d,k", [(16, 4, 3), (64, 8, 10), (40, 16, 40), (9, 3, 12), (128, 32, 128)])
 @pytest.mark.parametrize("iters", [1, 2, 5])
 def test_kmeans_matches_numpy(b, d, k, iters):
     g = np.random.default_rng(b * 100 + d * 10 + k + iters)
-    x = unit(g, b, d)
+    (x,) = untied_unit(g, b, d, k, iters)
     labels, c = batch_kmeans(torch.tensor(x), k, iters)
     want_l, want_c = kmeans_ref(x, k, iters)
     assert labels.dtype == torch.int64 and labels.shape == (b,)
@@ -133,7 +167,7 @@ def test_kmeans_bad_input():
 @pytest.mark.parametrize("tau", [0.2, 0.4, 0.8])
 def test_cld_loss_value_matches_numpy(b, d, k, tau):
     g = np.random.default_rng(b + d + k + int(10 * tau))
-    f1, f2 = unit(g, b, d), unit(g, b, d)
+    f1, f2 = untied_unit(g, b, d, k, 5, views=2)
     out = cld_loss(torch.tensor(f1), torch.tensor(f2), k, temperature=tau, iters=5)
     l1, c1 = kmeans_ref(f1, k, 5)
     l2, c2 = kmeans_ref(f2, k, 5)

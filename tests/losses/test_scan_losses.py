@@ -66,6 +66,17 @@ def ref_confidence_ce(weak: np.ndarray, strong: np.ndarray, thr: float, balance:
     return num / den
 
 
+def weak_logits(b: int, k: int, g: torch.Generator, scale: float, thr: float) -> torch.Tensor:
+    """Weak-view logits none of whose confidences (max softmax) lies within 1e-6 of ``thr``: such a
+    sample is selected or not depending on float32 rounding (torch vs NumPy), so it is redrawn."""
+    for _ in range(100):
+        weak = torch.randn(b, k, generator=g) * scale
+        conf = np.max(np_softmax(weak.double().numpy()), axis=1)
+        if np.all(np.abs(conf - thr) > 1e-6):
+            return weak
+    raise AssertionError(f"no [{b}, {k}] draw clear of the threshold {thr} in 100 tries")
+
+
 def unit_features(b: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(b, 2, d, generator=g, dtype=dtype), dim=-1)
@@ -228,7 +239,7 @@ def test_scan_loss_bad_shapes(a, b):
 @pytest.mark.parametrize("balance", [True, False])
 def test_confidence_ce_matches_reference(b, k, thr, balance):
     g = torch.Generator().manual_seed(b + 31 * k)
-    weak = torch.randn(b, k, generator=g) * 8.0
+    weak = weak_logits(b, k, g, 8.0, thr)
     strong = torch.randn(b, k, generator=g) * 2.0
     probs = torch.softmax(weak, 1).max(1).values
     if not bool((probs > thr).any()):
@@ -243,7 +254,7 @@ def test_confidence_ce_matches_reference(b, k, thr, balance):
 
 def test_confidence_ce_defaults_threshold_099_balanced():
     g = torch.Generator().manual_seed(1)
-    weak = torch.randn(64, 4, generator=g) * 10
+    weak = weak_logits(64, 4, g, 10.0, 0.99)
     strong = torch.randn(64, 4, generator=g)
     assert confidence_ce(weak, strong).item() == pytest.approx(ref_confidence_ce(weak.numpy(), strong.numpy(), 0.99, True), rel=1e-5)
 

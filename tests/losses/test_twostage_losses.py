@@ -39,6 +39,26 @@ def ref_anchors(m: np.ndarray, rnd: int, rate: float, k: int, t: float):
     return anchors, nbrs, ent
 
 
+def clear_order(values: np.ndarray, count: int, rtol: float = 1e-9) -> bool:
+    """The ``count`` smallest ``values`` are ordered (and cut from the rest) by gaps above ``rtol``:
+    no near-tie whose order another summation order could flip."""
+    head = np.sort(values)[: count + 1]
+    return bool(np.all(np.diff(head) > rtol * np.maximum(1.0, np.abs(head[1:]))))
+
+
+def untied_memory(rng: np.random.Generator, n: int, d: int, rnd: int, rate: float, k: int, t: float) -> np.ndarray:
+    """Unit rows whose reference anchors (entropy ranking) and neighbourhoods (similarity ranking) have
+    no near-tie; a draw with one is redrawn, so the exact index comparisons do not hang on rounding."""
+    for _ in range(100):
+        m = unit(rng.normal(size=(n, d)))
+        anchors, _, ent = ref_anchors(m, rnd, rate, k, t)
+        sims = m[anchors] @ m.T
+        sims[np.arange(len(anchors)), anchors] = np.inf  # self: never a neighbour
+        if clear_order(ent, len(anchors)) and all(clear_order(-row, k + 1) for row in sims):
+            return m
+    raise AssertionError(f"no tie-free [{n}, {d}] memory in 100 tries")
+
+
 def ref_batch_loss(x: np.ndarray, t: float, neg_m: float, const: np.ndarray | None = None) -> float:
     """Super-AND's batch criterion; ``const`` is the (detached) second operand, default ``x``."""
     c = x if const is None else const
@@ -111,7 +131,7 @@ def _num_grad(fn, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
                                               (16, 4, 4, 0.25, 2, 0.5), (12, 6, 3, 0.4, 1, 0.05)])
 def test_anchor_neighbourhoods_match_reference(n, d, rnd, rate, k, t):
     rng = np.random.default_rng(n + rnd)
-    m = unit(rng.normal(size=(n, d)))
+    m = untied_memory(rng, n, d, rnd, rate, k, t)
     anchors, nbrs, ent = anchor_neighbourhoods(_t(m), rnd, rate, k, t)
     ra, rn, re = ref_anchors(m, rnd, rate, k, t)
     assert anchors.dtype == nbrs.dtype == torch.int64

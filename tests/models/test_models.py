@@ -18,13 +18,7 @@ from ncd.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forward passes: one thread is faster than several on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forward passes; tests/conftest.py
 
 
 @pytest.fixture(autouse=True)
