@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 from ncd.errors import NcdError
+from ncd.stages import METRICS_COLUMNS
 from ncd.utils import write_text_atomic
 
-COLUMNS = ["experiment", "method", "stage", "dataset", "split", "seed", "head", "metric", "value"]
+COLUMNS = METRICS_COLUMNS  # the metrics table's columns (ncd.stages), under the name this module has used
 
 
 def aggregate(inputs: list[Path], out: Path) -> int:
@@ -24,7 +25,8 @@ def aggregate(inputs: list[Path], out: Path) -> int:
         for r in blob.get("rows", []):
             missing = [c for c in COLUMNS if c not in r]
             if missing:
-                raise NcdError(f"metrics file {p} has a row without {missing}; expected columns {COLUMNS}")
+                raise NcdError(f"metrics file {p} has a row without {', '.join(missing)}; "
+                               f"expected columns {', '.join(COLUMNS)}")
             rows.append({c: r[c] for c in COLUMNS})
     rows.sort(key=lambda r: tuple(str(r[c]) for c in COLUMNS[:8]))
     buf = io.StringIO()

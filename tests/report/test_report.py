@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from ncd.errors import NcdError
-from ncd.report import build_report, load_reported, match_reported
-from ncd.report import render
+from ncd.report import build_report, figures, load_protocols, load_reported, match_reported
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORTED_YAML = ROOT / "reports" / "reported.yaml"
+PROTOCOLS_YAML = ROOT / "reports" / "protocols.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = "experiment,method,stage,dataset,split,seed,head,metric,value"
 
@@ -226,7 +226,7 @@ def test_failure_leaves_no_report(tree, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("figure failed")
 
-    monkeypatch.setattr(render, "loss_figure", boom)
+    monkeypatch.setattr(figures, "loss_figure", boom)
     with pytest.raises(RuntimeError, match="figure failed"):
         _build(tree)
     out = tree["out"]
@@ -289,3 +289,68 @@ def test_reported_yaml_validation(tmp_path):
     bad.write_text(yaml.safe_dump([{"paper": "SCAN", "value": 0.5}]))
     with pytest.raises(NcdError, match="needs the keys"):
         load_reported(bad)
+
+
+# ------------------------------------------------------------------------------------ protocols
+def _protocol(md: str, paper: str) -> str:
+    """The protocol line under a paper's heading ("" when there is none)."""
+    section = md[md.index(f"## {paper}\n"):].split("\n## ", 1)[0]
+    line = next((l for l in section.splitlines() if l.startswith("*Protocol:* ")), "")
+    return line.removeprefix("*Protocol:* ")
+
+
+def test_protocols_from_yaml(tree, tmp_path):
+    _build(tree)  # default: reports/protocols.yaml next to reported.yaml
+    md = (tree["out"] / "README.md").read_text()
+    shipped = load_protocols(PROTOCOLS_YAML)
+    assert set(shipped) == {"Baselines", "SCAN", "UNO", "SeLa", "CLD", "Two-stage"}
+    for paper, text in shipped.items():
+        assert _protocol(md, paper) == text
+    assert "pretext_kmeans: k-means (scikit-learn, n_init restarts, seeded)" in shipped["SCAN"]
+    # A custom file changes the text (line breaks collapse); a paper it leaves out has no protocol line.
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("SCAN: |\n  Custom SCAN\n  protocol <i>here</i>.\nUNO: UNO's own words.\n")
+    html = _build(tree, protocols=custom).read_text()
+    md = (tree["out"] / "README.md").read_text()
+    assert _protocol(md, "SCAN") == "Custom SCAN protocol <i>here</i>."
+    assert _protocol(md, "UNO") == "UNO's own words."
+    assert _protocol(md, "Baselines") == "" and "*Protocol:*" not in md.split("## SCAN\n")[0]
+    assert "Custom SCAN protocol &lt;i&gt;here&lt;/i&gt;." in html and shipped["SCAN"][:40] not in md
+    # No protocols.yaml next to reported.yaml (and none given): the report has no protocol lines.
+    reported = tmp_path / "elsewhere" / "reported.yaml"
+    reported.parent.mkdir()
+    reported.write_text(REPORTED_YAML.read_text())
+    build_report(tree["metrics"], reported, tree["results"], tree["bench"], tree["out"])
+    assert "*Protocol:*" not in (tree["out"] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("SCAN: [unclosed\n", r"not valid YAML"),
+    ("- SCAN\n- UNO\n", r"expected a mapping of paper name \(Baselines, SCAN, .*\) to its protocol text, got list"),
+    ("SCAN:\n  acc: Hungarian\n", r"the protocol of SCAN must be a non-empty text, got \{'acc'"),
+    ("Scan: typo\n", r"unknown paper 'Scan'; expected a mapping of paper name"),
+])
+def test_bad_protocols(tree, tmp_path, text, match):
+    bad = tmp_path / "protocols.yaml"
+    bad.write_text(text)
+    with pytest.raises(NcdError, match=rf"^{re.escape(str(bad))}: .*{match}"):
+        _build(tree, protocols=bad)
+    assert not (tree["out"] / "index.html").exists()
+    with pytest.raises(NcdError, match=r"gone\.yaml: protocols file not found; expected a mapping"):
+        _build(tree, protocols=tmp_path / "gone.yaml")
+
+
+def test_pretext_kmeans_in_scan_section(tree):
+    rows = [f"scan_c10,scan,pretext_kmeans,cifar10,test,{s},best,{m},{v + 0.01 * s}"
+            for s in SEEDS for m, v in (("acc", 0.60), ("nmi", 0.50), ("ari", 0.40))]
+    with tree["metrics"].open("a") as f:
+        f.write("\n".join(rows) + "\n")
+    _build(tree)
+    md = (tree["out"] / "README.md").read_text()
+    scan = md[md.index("## SCAN\n"):md.index("## UNO\n")]
+    stages = [l.split("|")[4].strip() for l in scan.splitlines() if l.startswith("| scan_c10 ")]
+    # pipeline order (ncd.stages.STAGES): pretext_kmeans before scan and selflabel
+    assert stages == ["pretext_kmeans"] * 3 + ["scan"] * 2 + ["selflabel"] * 2
+    row = _md_row(md, "scan_c10", "–", "cifar10", "pretext_kmeans", "test", "acc", after="## SCAN")
+    assert row[6] == "best" and row[8] == "61.0 ± 1.0 (n = 3)"
+    assert "pretext_kmeans" not in md[md.index("## Baselines\n"):md.index("## SCAN\n")]  # not a Baselines row
