@@ -10,9 +10,10 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/handoff.smk"
+include: "workflow/rules/cluster.smk"
 include: "workflow/rules/data.smk"
-include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/discover.smk"
+include: "workflow/rules/stages.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

@@ -12,7 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ncd.config import check_stage_config, load_config
+from ncd.data import prepare_dataset
 from ncd.errors import NcdError, Preempted
+from ncd.eval.aggregate import aggregate
+from ncd.methods.common import RunContext
+from ncd.methods.evaluate import evaluate
+from ncd.report import build_report
+from ncd.stages import STAGES, load
+from ncd.utils import config_hash, git_commit, seed_everything
 
 log = logging.getLogger("ncd")
 
@@ -49,17 +59,12 @@ def _json_arg(text: str) -> dict[str, Any]:
     return obj
 
 
-def _context(args: argparse.Namespace, stage: str):
-    from ncd.config import check_experiment
-    from ncd.methods.common import RunContext
-    from ncd.utils import seed_everything
-
-    cfg = check_experiment(args.experiment, _json_arg(args.config))
+def _context(args: argparse.Namespace, stage: str, evaluate: bool = False) -> RunContext:
+    """The run context of a stage command: its checked config slice, output folder, seed, threads."""
+    cfg = check_stage_config(args.experiment, stage, _json_arg(args.config), evaluate=evaluate)
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     return RunContext(args.experiment, args.seed, stage, cfg, Path(args.data_root), out_dir)
@@ -69,125 +74,51 @@ def _context(args: argparse.Namespace, stage: str):
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Download (or check) a dataset and write its READY marker."""
-    from ncd.data import prepare_dataset
-
     marker = prepare_dataset(args.dataset, args.root, download=args.download)
     log.info("dataset %s ready: %s", args.dataset, marker)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    """SimCLR pretext training (or MoCo import) → model.ckpt."""
-    from ncd.methods.simclr import run_pretrain
-
-    run_pretrain(_context(args, "pretrain"), Path(args.out))
-
-
-def cmd_mine(args: argparse.Namespace) -> None:
-    """Nearest neighbours of every train/test image on the pretext features → neighbors.npz."""
-    from ncd.methods.neighbors import run_mine
-
-    ctx = _context(args, "mine")
-    stats = run_mine(ctx, Path(args.pretrain), Path(args.out))
+def cmd_stage(args: argparse.Namespace) -> None:
+    """Run one stage of the stage table: ``fn(ctx, *upstream artifacts, out)``."""
+    stage = STAGES[args.stage_name]
+    ctx = _context(args, stage.name)
+    inputs = [Path(v) if v else None for v in (getattr(args, name) for name in stage.inputs)]
+    missing = [n for n, v in zip(stage.inputs, inputs) if v is None and n in stage.inputs_for(ctx.cfg)]
+    if missing:
+        raise NcdError(f"stage '{stage.name}' needs --{missing[0].replace('_', '-')} (the {stage.inputs[missing[0]]} "
+                       "stage's artifact)")
+    stats = load(stage.run)(ctx, *inputs, Path(args.out))
     if stats:
         print(json.dumps(stats))
 
 
-def cmd_scan(args: argparse.Namespace) -> None:
-    """SCAN clustering from a pretext checkpoint and its neighbours → model.ckpt."""
-    from ncd.methods.scan import run_scan
-
-    run_scan(_context(args, "scan"), Path(args.pretrain), Path(args.neighbors), Path(args.out))
-
-
-def cmd_selflabel(args: argparse.Namespace) -> None:
-    """Self-labeling from a SCAN checkpoint → model.ckpt."""
-    from ncd.methods.selflabel import run_selflabel
-
-    run_selflabel(_context(args, "selflabel"), Path(args.scan), Path(args.out))
-
-
-def cmd_pretrain_supervised(args: argparse.Namespace) -> None:
-    """UNO's supervised pretraining on the known classes → model.ckpt."""
-    from ncd.methods.uno import run_pretrain_supervised
-
-    run_pretrain_supervised(_context(args, "pretrain_supervised"), Path(args.out))
-
-
-def cmd_discover(args: argparse.Namespace) -> None:
-    """UNO's discovery of the novel classes from a supervised checkpoint → model.ckpt."""
-    from ncd.methods.uno import run_discover
-
-    run_discover(_context(args, "discover"), Path(args.pretrain), Path(args.out))
-
-
-def cmd_cld(args: argparse.Namespace) -> None:
-    """CLD: an instance-discrimination learner (NPID, MoCo, MoCo v2, InfoMin) + the group branch → model.ckpt."""
-    from ncd.methods.cld import run_cld
-
-    run_cld(_context(args, "cld"), Path(args.out))
-
-
-def cmd_superand(args: argparse.Namespace) -> None:
-    """Two-stage classifier, stage 1: Super-AND embedding and memory bank → model.ckpt."""
-    from ncd.methods.superand import run_superand
-
-    run_superand(_context(args, "superand"), Path(args.out))
-
-
-def cmd_twostage(args: argparse.Namespace) -> None:
-    """Two-stage classifier, stage 2: fixed normalised heads + IIC from the stage-1 encoder → model.ckpt."""
-    from ncd.methods.twostage import run_twostage
-
-    run_twostage(_context(args, "twostage"), Path(args.embed) if args.embed else None, Path(args.out))
-
-
-def cmd_sela(args: argparse.Namespace) -> None:
-    """SeLa: self-labelling by optimal transport (multi-head, Sinkhorn-Knopp label steps) → model.ckpt."""
-    from ncd.methods.sela import run_sela
-
-    run_sela(_context(args, "sela"), Path(args.out))
-
-
-def cmd_kmeans(args: argparse.Namespace) -> None:
-    """k-means on raw pixels (the baseline) → model.ckpt."""
-    from ncd.methods.kmeans import run_kmeans
-
-    run_kmeans(_context(args, "cluster"), Path(args.out))
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Metrics of one model.ckpt on the evaluation splits → metrics.json."""
-    from ncd.eval.stage import evaluate
-
-    ctx = _context(args, args.stage)
-    evaluate(ctx, Path(args.ckpt), args.method, Path(args.out))
+    """Metrics of one stage's artifact on the evaluation splits → metrics.json."""
+    if args.stage not in STAGES or not STAGES[args.stage].evaluate:
+        raise NcdError(f"--stage {args.stage!r} is not an evaluated stage; expected one of: "
+                       + ", ".join(s.name for s in STAGES.values() if s.evaluate))
+    evaluate(_context(args, args.stage, evaluate=True), Path(args.ckpt), Path(args.out))
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
     """Collect metrics.json files into results/metrics.csv."""
-    from ncd.eval.aggregate import aggregate
-
     n = aggregate([Path(p) for p in args.inputs], Path(args.out))
     log.info("wrote %d rows to %s", n, args.out)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Render reports/index.html, reports/README.md and figures from the metrics table."""
-    from ncd.report import build_report
-    from ncd.utils import config_hash, git_commit
-
     experiments = _json_arg(args.experiments) if args.experiments else {}
     index = build_report(Path(args.metrics), Path(args.reported), Path(args.results), Path(args.benchmarks),
                          Path(args.out), experiments=experiments,
                          provenance={"config_hash": config_hash(experiments), "git_commit": git_commit(),
-                                     "generated": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                     "generated": time.strftime("%Y-%m-%d %H:%M:%S")},
+                         protocols=Path(args.protocols) if args.protocols else None)
     print(f"report: {index}")
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
     """Validate config files against the schema and print the resolved config (defaults filled)."""
-    from ncd.config import load_config
-
     cfg = load_config([Path(p) for p in args.configfile])
     print(json.dumps(cfg, indent=2, sort_keys=True))
 
@@ -223,24 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="folder of the dataset (data/<dataset>)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log", help="also write the log to this file")
-    add("pretrain", cmd_pretrain)
-    add("mine", cmd_mine).add_argument("--pretrain", required=True, help="pretext model.ckpt")
-    p = add("scan", cmd_scan)
-    p.add_argument("--pretrain", required=True, help="pretext model.ckpt")
-    p.add_argument("--neighbors", required=True, help="neighbors.npz from 'mine'")
-    add("selflabel", cmd_selflabel).add_argument("--scan", required=True, help="SCAN model.ckpt")
-    add("kmeans", cmd_kmeans)
-    add("sela", cmd_sela)
-    add("pretrain-supervised", cmd_pretrain_supervised)
-    add("discover", cmd_discover).add_argument("--pretrain", required=True, help="supervised model.ckpt")
-    add("cld", cmd_cld)
-    add("superand", cmd_superand)
-    add("twostage", cmd_twostage).add_argument(
-        "--embed", help="stage-1 (superand) model.ckpt; omitted with twostage.init: scratch")
+    for st in STAGES.values():
+        p = sub.add_parser(st.cli, help=st.doc, description=f"{st.doc} (method {st.method}) → {st.output}",
+                           aliases=[st.cli.replace("_", "-")] if "_" in st.cli else [])
+        _stage_args(p)
+        for name, upstream in st.inputs.items():
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"the {upstream} stage's {STAGES[upstream].output}")
+        p.set_defaults(func=cmd_stage, stage_name=st.name)
     p = add("evaluate", cmd_evaluate)
     p.add_argument("--ckpt", required=True, help="model.ckpt to evaluate")
-    p.add_argument("--method", required=True, help="method name for the metrics table")
-    p.add_argument("--stage", required=True, help="stage name for the metrics table")
+    p.add_argument("--stage", required=True, help="the stage that wrote it (ncd.stages); names the metrics rows")
     p = add("aggregate", cmd_aggregate, stage=False)
     p.add_argument("--out", required=True)
     p.add_argument("--log")
@@ -248,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, stage=False)
     p.add_argument("--metrics", required=True)
     p.add_argument("--reported", required=True)
+    p.add_argument("--protocols", help="protocol texts per paper (default: protocols.yaml beside --reported)")
     p.add_argument("--results", required=True)
     p.add_argument("--benchmarks", required=True)
     p.add_argument("--experiments", help="experiments config as JSON or @file (variants, datasets)")

@@ -1,7 +1,9 @@
-"""Load, validate and resolve the workflow configuration (workflow/schemas/config.schema.yaml).
+"""Load, validate and resolve the workflow configuration, and cut it into per-stage slices.
 
-Used by the Snakefile (validation with defaults filled in) and by the command line (each stage
-checks the experiment block it receives), so both give the same clear errors.
+The schema is package data (``ncd/schema/config.schema.yaml`` plus one file per config block in
+``ncd/schema/blocks/``), so the installed package validates a config without the repository. Used
+by the Snakefile (validation with defaults filled in, the slice each job receives and hashes) and
+by the command line (each stage checks the slice it receives), so both give the same clear errors.
 """
 
 from __future__ import annotations
@@ -11,28 +13,37 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
 from ncd.errors import NcdError
+from ncd.stages import EVALUATE_BLOCKS, METHODS, RUNTIME_REQUESTS, SHARED_KEYS, STAGES
+from ncd.utils import config_hash
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
 
 
-def _schema() -> dict[str, Any]:
+def schema() -> dict[str, Any]:
+    """The whole config schema: the top level, every config block, and the methods of the stage table."""
     # parsed once: the workflow resolves experiments for every job of the DAG; callers only read it
     global _SCHEMA_CACHE
     if _SCHEMA_CACHE is None:
-        _SCHEMA_CACHE = yaml.safe_load(SCHEMA_PATH.read_text())
+        full = yaml.safe_load(SCHEMA_PATH.read_text())
+        props = full["definitions"]["experiment"]["properties"]
+        for f in sorted((SCHEMA_DIR / "blocks").glob("*.yaml")):
+            props[f.stem] = yaml.safe_load(f.read_text())
+        props["method"]["enum"] = list(METHODS)
+        _SCHEMA_CACHE = full
     return _SCHEMA_CACHE
 
 
+_schema = schema
 _SCHEMA_CACHE: dict[str, Any] | None = None
 
 
 def _validator(schema: dict[str, Any]):
     """A Draft-7 validator that fills in ``default`` values as it descends."""
-    import jsonschema
-
     base = jsonschema.Draft7Validator
     validate_properties = base.VALIDATORS["properties"]
 
@@ -69,8 +80,6 @@ def _explain(error) -> str:
 
 def validate(config: dict[str, Any], schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate ``config`` in place against the schema, filling defaults; return it."""
-    import jsonschema
-
     v = _validator(schema or _schema())
     errors = list(v.iter_errors(config))
     if errors:
@@ -84,7 +93,9 @@ def check_split_name(name: str, exp: dict[str, Any]) -> None:
     split_name = exp.get("split_name")
     if not split_name:
         return
-    from ncd.data.uno import UNO_SPLITS
+    from ncd.data.uno import (
+        UNO_SPLITS,  # lazily: ncd.data imports torch, the Snakefile imports this module
+    )
 
     if split_name not in UNO_SPLITS:
         raise NcdError(f"unknown split_name {split_name!r} in experiment '{name}'; expected one of: "
@@ -100,7 +111,9 @@ def check_class_split(name: str, exp: dict[str, Any]) -> None:
     split = exp.get("split")
     if not split:
         return
-    from ncd.data import get_info
+    from ncd.data import (
+        get_info,  # lazily: ncd.data imports torch, the Snakefile imports this module
+    )
 
     if exp["dataset"] == "imagefolder":
         folder = exp.get("data_path")
@@ -182,3 +195,85 @@ def check_experiment(name: str, exp: dict[str, Any]) -> dict[str, Any]:
            "properties": {"experiments": schema["properties"]["experiments"]}}
     validate({"experiments": {name: exp}}, sub)
     return exp
+
+
+# --- per-stage slices ---------------------------------------------------------------------------
+
+def _slice_keys(stage: str, evaluate: bool = False) -> tuple[str, ...]:
+    st = STAGES[stage]
+    return SHARED_KEYS + st.blocks + (EVALUATE_BLOCKS if evaluate else ())
+
+
+def stage_slice(exp: dict[str, Any], stage: str, evaluate: bool = False) -> dict[str, Any]:
+    """What ``stage`` (or, with ``evaluate``, the evaluation of its artifact) receives and hashes.
+
+    The shared keys that change any computation, the stage's own config blocks, and under
+    ``upstream`` the hashes of the slices of the stages it reads, so that a change upstream still
+    reaches everything downstream. ``exp`` is a resolved experiment (:func:`resolve_experiment`).
+    """
+    if stage not in STAGES:
+        raise NcdError(f"unknown stage {stage!r}; expected one of: {', '.join(STAGES)}")
+    out = {k: copy.deepcopy(exp[k]) for k in _slice_keys(stage, evaluate) if k in exp}
+    # cluster requests (memory, time limit, the GPU ask) change no result
+    out["runtime"] = {k: v for k, v in out.get("runtime", {}).items() if k not in RUNTIME_REQUESTS}
+    ups = {stage: stage_hash(exp, stage)} if evaluate else \
+        {up: stage_hash(exp, up) for up in STAGES[stage].inputs_for(exp).values()}
+    if ups:
+        out["upstream"] = ups
+    return out
+
+
+def stage_hash(exp: dict[str, Any], stage: str, evaluate: bool = False) -> str:
+    """The hash of a stage's slice: what its config record and its last.ckpt sidecar hold."""
+    return config_hash(stage_slice(exp, stage, evaluate))
+
+
+def stage_config(config: dict[str, Any], name: str, stage: str, evaluate: bool = False) -> dict[str, Any]:
+    """The slice of experiment ``name`` of a validated workflow config for ``stage``."""
+    return stage_slice(resolve_experiment(config, name), stage, evaluate)
+
+
+class StageConfig(dict):
+    """A stage's slice of its experiment's config. Reading a top-level key outside the slice is an
+    error, so a stage cannot depend on a key its hash (and so the workflow) does not see."""
+
+    def __init__(self, data: dict[str, Any], stage: str, allowed: Iterable[str]) -> None:
+        super().__init__(data)
+        self.stage = stage
+        self.allowed = frozenset(allowed)
+
+    def _check(self, key: str) -> None:
+        if key not in self.allowed:
+            raise NcdError(f"stage '{self.stage}' reads config key '{key}', which is not in its slice "
+                           f"({', '.join(sorted(self.allowed))}); declare the block in the stage's "
+                           "entry of ncd/stages.py")
+
+    def __getitem__(self, key: str) -> Any:
+        self._check(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._check(key)
+        return super().get(key, default)
+
+    def __reduce__(self):
+        return (StageConfig, (dict(self), self.stage, self.allowed))
+
+
+def check_stage_config(name: str, stage: str, cfg: dict[str, Any], evaluate: bool = False) -> StageConfig:
+    """Validate the slice a stage command receives (``--config``): defaults are filled in, keys
+    outside the slice are dropped, and reading one of them later fails loudly."""
+    if stage not in STAGES:
+        raise NcdError(f"unknown stage {stage!r}; expected one of: {', '.join(STAGES)}")
+    cfg = copy.deepcopy(cfg)
+    upstream = cfg.pop("upstream", None)
+    check_experiment(name, cfg)
+    method = STAGES[stage].method
+    if cfg["method"] != method:
+        raise NcdError(f"stage '{stage}' belongs to method '{method}', but experiment '{name}' has method "
+                       f"'{cfg['method']}'; expected an experiment of method '{method}'")
+    keys = _slice_keys(stage, evaluate)
+    data = {k: cfg[k] for k in keys if k in cfg}
+    if upstream is not None:
+        data["upstream"] = upstream
+    return StageConfig(data, stage, (*keys, "upstream"))

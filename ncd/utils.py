@@ -11,6 +11,7 @@ import random
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def _json_default(o: Any) -> Any:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
-    import torch
+    import torch  # lazily: ncd.utils serves the torch-free config and stage table too
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -93,8 +94,6 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide a result."""
-    from importlib import metadata
-
     names = ["torch", "torchvision", "lightning", "timm", "numpy", "scipy", "scikit-learn",
              "faiss-cpu", "snakemake"]
     out = {"python": platform.python_version()}
@@ -108,7 +107,7 @@ def package_versions() -> dict[str, str]:
 
 def device_description() -> str:
     """The compute device in words: GPU name(s) or the CPU model and core count."""
-    import torch
+    import torch  # lazily: ncd.utils serves the torch-free config and stage table too
 
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -18,11 +18,12 @@ import torch
 from ncd.checkpoint import save_model
 from ncd.cli import main
 from ncd.config import load_config, resolve_experiment
+from ncd.stages import STAGES as TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "pretrain", "mine", "scan", "selflabel", "kmeans", "evaluate", "aggregate", "report",
-          "check-config"]
-TRAINING_STAGES = ["pretrain", "mine", "scan", "selflabel", "kmeans", "evaluate"]
+# every stage of the stage table is a sub-command
+TRAINING_STAGES = [*TABLE, "evaluate"]
+STAGES = ["prepare", *TRAINING_STAGES, "aggregate", "report", "check-config"]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_invalid_json_config(tmp_path, exp_json, capsys):
     args = _stage_args(tmp_path, exp_json)
     i = args.index("--config")
     args[i + 1] = '{"method": "kmeans", "dataset": '
-    assert main(["kmeans", *args]) == 2
+    assert main(["cluster", *args]) == 2
     line = _error_line(capsys.readouterr().err)
     assert "--config" in line and "JSON" in line
     assert not (tmp_path / "x" / "model.ckpt").exists()
@@ -173,7 +174,7 @@ def test_invalid_json_config(tmp_path, exp_json, capsys):
 def test_json_config_not_an_object(tmp_path, exp_json, capsys):
     args = _stage_args(tmp_path, exp_json)
     args[args.index("--config") + 1] = "[1, 2, 3]"
-    assert main(["kmeans", *args]) == 2
+    assert main(["cluster", *args]) == 2
     line = _error_line(capsys.readouterr().err)
     assert "JSON object" in line and "list" in line
 
@@ -185,7 +186,7 @@ def test_config_file_with_unknown_key(tmp_path, exp_json, capsys):
     f.write_text(json.dumps(block))
     args = _stage_args(tmp_path, exp_json)
     args[args.index("--config") + 1] = f"@{f}"
-    assert main(["kmeans", *args]) == 2
+    assert main(["cluster", *args]) == 2
     line = _error_line(capsys.readouterr().err)
     assert "'entropy_wieght'" in line and "entropy_weight" in line
 
@@ -195,7 +196,7 @@ def test_config_file_missing(tmp_path, exp_json, capsys):
     missing = tmp_path / "nothere.json"
     args = _stage_args(tmp_path, exp_json)
     args[args.index("--config") + 1] = f"@{missing}"
-    assert main(["kmeans", *args]) == 2
+    assert main(["cluster", *args]) == 2
     line = _error_line(capsys.readouterr().err)
     assert str(missing) in line
 
@@ -203,7 +204,7 @@ def test_config_file_missing(tmp_path, exp_json, capsys):
 def test_evaluate_missing_checkpoint(tmp_path, exp_json, capsys):
     missing = tmp_path / "missing.ckpt"
     rc = main(["evaluate", *_stage_args(tmp_path, exp_json, out="x/metrics.json"),
-               "--ckpt", str(missing), "--method", "scan", "--stage", "scan"])
+               "--ckpt", str(missing), "--stage", "scan"])
     assert rc == 2
     line = _error_line(capsys.readouterr().err)
     assert str(missing) in line

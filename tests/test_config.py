@@ -12,6 +12,7 @@ import yaml
 
 from ncd.config import (
     SCHEMA_PATH,
+    schema,
     check_class_split,
     check_experiment,
     load_config,
@@ -60,9 +61,10 @@ def _error(config: dict) -> str:
 # --- the shipped configurations ---------------------------------------------------------------
 
 def test_schema_file_exists_and_is_draft7():
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    assert "draft-07" in schema["$schema"]
-    assert schema["additionalProperties"] is False
+    top = yaml.safe_load(SCHEMA_PATH.read_text())
+    assert "draft-07" in top["$schema"]
+    assert top["additionalProperties"] is False
+    assert SCHEMA_PATH.is_relative_to(ROOT / "ncd")  # package data: the installed package validates on its own
 
 
 def test_embedded_config_validates(embedded, raw):
@@ -77,8 +79,7 @@ def test_embedded_config_validates(embedded, raw):
 
 
 def _schema_defaults(block: str) -> dict:
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    props = schema["definitions"]["experiment"]["properties"][block]["properties"]
+    props = schema()["definitions"]["experiment"]["properties"][block]["properties"]
     return {k: v["default"] for k, v in props.items() if "default" in v}
 
 
@@ -309,8 +310,7 @@ def test_run_experiments_unknown(cfg):
 # --- resolution --------------------------------------------------------------------------------
 
 def _schema_runtime_default() -> dict:
-    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
-    return schema["properties"]["runtime"]["default"]
+    return schema()["properties"]["runtime"]["default"]
 
 
 def test_partial_runtime_keeps_the_other_defaults(embedded):
@@ -401,3 +401,31 @@ def test_uno_split_errors(exp, msg):
 def test_uno_named_split_passes():
     cfg = validate({"experiments": {"u": {"method": "uno", "dataset": "digits", "split_name": "digits-5/5"}}})
     assert cfg["experiments"]["u"]["discover"]["num_heads"] == 4
+
+
+@pytest.mark.timeout(300)
+def test_the_installed_package_validates_a_config_on_its_own(tmp_path):
+    """The schema is package data: a wheel of ncd, outside the repository, validates config.yaml."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(ROOT / "ncd", src / "ncd", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("ncd-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+        assert "ncd/schema/blocks/scan.yaml" in z.namelist()
+    code = ("import sys, ncd.config as c; assert c.__file__.startswith(sys.argv[1]), c.__file__; "
+            "cfg = c.load_config([sys.argv[2]]); print(sorted(cfg['experiments']))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site"), str(CONFIG)], cwd=tmp_path,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "scan_digits" in r.stdout

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from sklearn import metrics
 from torch import Tensor
 
 from ncd.errors import NcdError
@@ -85,8 +86,6 @@ def hungarian_evaluate(
 
     Accepts torch tensors or NumPy arrays. Returns python floats for the metrics.
     """
-    from sklearn import metrics
-
     if unmatched not in _UNMATCHED:
         raise NcdError(f"unmatched must be one of {_UNMATCHED}, got {unmatched!r}")
     preds = _to_int_numpy(predictions, "predictions")

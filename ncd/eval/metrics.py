@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from sklearn import metrics
 
 from ncd.errors import NcdError
 
@@ -46,8 +47,6 @@ def clustering_metrics(predictions: Any, targets: Any, acc_matching: str = "hung
 
     Accepts NumPy arrays or tensors; returns python floats.
     """
-    from sklearn import metrics
-
     if acc_matching not in ACC_MATCHINGS:
         raise NcdError(f"acc_matching must be one of {', '.join(ACC_MATCHINGS)}, got {acc_matching!r}")
     p, t = _ids(predictions, "predictions"), _ids(targets, "targets")

@@ -4,9 +4,9 @@ MoCo v2 or InfoMin, chosen by ``cld.instance``) plus the cross-level instance-gr
 
 One LightningModule (:class:`CLDModule`) trains every branch with manual optimisation, so that a
 step whose loss is NaN is skipped (no backward, no optimiser or scheduler step, no memory update,
-no EMA) and counted, as the official CIFAR loops do. Evaluation (:func:`evaluate_cld`): weighted kNN
+no EMA) and counted, as the official CIFAR loops do. Evaluation (:func:`ncd.methods.cld_eval.evaluate_cld`): weighted kNN
 on the instance features recomputed with the test transform, k-means with Hungarian ACC/NMI/ARI on
-them (beyond the official code), and the ImageNet linear probe (:func:`linear_probe`).
+them (beyond the official code), and the ImageNet linear probe (:func:`ncd.methods.cld_eval.linear_probe`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
@@ -29,9 +28,11 @@ from ncd.data import build_dataset, get_info
 from ncd.data.cld import CLDViews, build_cld_transform, build_jigsaw_transform
 from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
+from ncd.eval.knn import weighted_knn
 from ncd.losses import cld_loss, enqueue, memory_bank_update, moco_logits, npid_loss
-from ncd.methods.common import RunContext, build_optimizer, collect, finish, fit, make_loader
+from ncd.methods.common import RunContext, build_optimizer, finish, fit, make_loader
 from ncd.models.cld import CLDModel, build_cld_backbone
+from ncd.ops import npid_memory_init
 
 log = logging.getLogger("ncd")
 
@@ -128,16 +129,15 @@ class CLDModule(L.LightningModule):
             for p in model.group_head.parameters():
                 p.requires_grad_(False)
         d = int(cfg["low_dim"])
-        s = 1.0 / math.sqrt(d / 3)
         self.model_ema: CLDModel | None = None
         if self.instance == "npid":
-            self.register_buffer("memory", torch.rand(num_train, d) * (2 * s) - s)
+            self.register_buffer("memory", npid_memory_init(num_train, d))
         else:
             self.model_ema = copy.deepcopy(model)
             for p in self.model_ema.parameters():
                 p.requires_grad_(False)
             size = int(cfg["queue_size"])
-            queue = torch.rand(size, d) * (2 * s) - s if self.instance == "moco" else F.normalize(torch.randn(size, d), dim=1)
+            queue = npid_memory_init(size, d) if self.instance == "moco" else F.normalize(torch.randn(size, d), dim=1)
             self.register_buffer("queue", queue)
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("nan_steps", torch.zeros((), dtype=torch.long))
@@ -279,8 +279,6 @@ class CLDModule(L.LightningModule):
             # NaN, not the last value: the history must not repeat an old measurement
             self.log("val/knn_top1", float("nan"))
             return
-        from ncd.eval.knn import weighted_knn
-
         f, y, i = (torch.cat(t) for t in zip(*self._knn_batches))
         self._knn_batches = []
         f, y, i = self._gather(f), self._gather(y), self._gather(i)
@@ -344,96 +342,4 @@ def run_cld(ctx: RunContext, out: Path) -> None:
     finish(ctx)
 
 
-# --------------------------------------------------------------------------------- evaluation
-def linear_probe(ctx: RunContext, model: CLDModel, info, device: torch.device) -> float:
-    """METHODS.md 5.7: a linear classifier on the frozen pooled backbone features (BN in eval
-    mode), fc initialised N(0, 0.01) with zero bias, SGD (momentum 0.9) with step decay; train
-    augmentation RRC(224) + flip (``linear``) or with RandAugment (``linear_ra``, InfoMin); top-1 on
-    the test/val split with Resize + CenterCrop. Returns the top-1 accuracy."""
-    from tqdm import tqdm
-
-    pc = ctx.cfg["cld"]["probe"]
-    dataset = ctx.cfg["dataset"]
-    trunk = model.backbone.to(device).eval()
-    for p in trunk.parameters():
-        p.requires_grad_(False)
-    fc = nn.Linear(model.backbone_dim, info.num_classes).to(device)
-    nn.init.normal_(fc.weight, 0.0, 0.01)
-    nn.init.zeros_(fc.bias)
-    train = Transformed(build_dataset(dataset, ctx.data_root, info.train_split),
-                        build_cld_transform(pc["augmentation"], info))
-    test = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), build_cld_transform("test", info))
-    bs = min(int(pc["batch_size"]), len(train))
-    loader = make_loader(train, bs, ctx, train=True)
-    opt = torch.optim.SGD(fc.parameters(), lr=float(pc["lr"]), momentum=0.9, weight_decay=float(pc["weight_decay"]))
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(pc["milestones"]), float(pc["gamma"]))
-    for epoch in range(int(pc["epochs"])):
-        fc.train()
-        total, n = 0.0, 0
-        for x, y, _ in tqdm(loader, desc=f"linear probe {epoch + 1}", leave=False, mininterval=5.0):
-            x, y = x.to(device, non_blocking=True), torch.as_tensor(y, device=device)
-            with torch.no_grad():
-                feats = trunk(x)
-            loss = F.cross_entropy(fc(feats), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(y), n + len(y)
-        sched.step()
-        log.info("linear probe epoch %d/%d: loss %.4f", epoch + 1, int(pc["epochs"]), total / max(1, n))
-    fc.eval()
-    logits, y = collect(lambda x: fc(trunk(x)), make_loader(test, int(ctx.cfg["evaluate"]["batch_size"]), ctx, train=False),
-                        device, "linear probe eval")
-    return float((logits.argmax(1) == y).float().mean())
-
-
-def evaluate_cld(ctx: RunContext, model: CLDModel, info, splits: list[str], device: torch.device,
-                 bs: int) -> tuple[list[tuple[str, str, str, float]], dict[str, Any]]:
-    """Metrics rows ``(split, head, metric, value)`` of a CLD checkpoint and the test confusion.
-
-    * ``knn_top1`` (test): weighted kNN (K = ``evaluate.knn_k``, σ = ``cld.temperature``) of the
-      test images against the train images, instance features recomputed with the test transform.
-    * ``acc``, ``nmi``, ``ari``: k-means (scikit-learn, K = number of classes, 10 restarts) fitted
-      on the train features, Hungarian ACC (SCAN's protocol), NMI and ARI of its clusters on each
-      split of ``splits`` (beyond the official code).
-    * ``linear_top1`` (test): :func:`linear_probe`, when ``cld.probe.epochs`` > 0.
-    """
-    from sklearn.cluster import KMeans
-
-    from ncd.eval.clustering import hungarian_evaluate
-    from ncd.eval.knn import weighted_knn
-
-    sc, ev = ctx.cfg["cld"], ctx.cfg.get("evaluate", {})
-    dataset = ctx.cfg["dataset"]
-    test_t = build_cld_transform("test", info)
-    names = {"train": info.train_split, "test": info.test_split}
-    model.to(device).eval()
-
-    def features(split: str) -> tuple[Tensor, Tensor]:
-        ds = Transformed(build_dataset(dataset, ctx.data_root, names[split]), test_t)
-        return collect(lambda x: model(x, two_branch=False), make_loader(ds, bs, ctx, train=False), device, f"embed {split}")
-
-    rows: list[tuple[str, str, str, float]] = []
-    confusion: dict[str, Any] = {}
-    need = set(splits) | ({"train"} if (sc["knn"] or sc["kmeans_eval"]) else set())
-    feats = {s: features(s) for s in sorted(need)} if (sc["knn"] or sc["kmeans_eval"]) else {}
-    if sc["knn"] and "test" in splits:
-        (bank, bank_y), (f, y) = feats["train"], feats["test"]
-        res = weighted_knn(bank, bank_y, f, y, info.num_classes, k=min(int(ev.get("knn_k", 200)), len(bank)),
-                           sigma=float(sc["temperature"]))
-        rows.append(("test", "best", "knn_top1", float(res["top1"])))
-    if sc["kmeans_eval"]:
-        km = KMeans(n_clusters=info.num_classes, n_init=10, random_state=ctx.seed).fit(feats["train"][0].double().numpy())
-        for split in splits:
-            f, y = feats[split]
-            pred = torch.from_numpy(km.predict(f.double().numpy()).astype(np.int64))
-            res = hungarian_evaluate(pred, y, return_reordered=True)
-            rows += [(split, "best", m, float(res[m])) for m in ("acc", "nmi", "ari")]
-            if split == "test":
-                confusion = {"head": "best", "matrix": np.asarray(res["confusion"]).tolist()}
-    if int(sc["probe"]["epochs"]) > 0:
-        rows.append(("test", "best", "linear_top1", linear_probe(ctx, model, info, device)))
-    return rows, confusion
-
-
-__all__ = ["CLDModule", "INSTANCES", "cld_lr", "evaluate_cld", "linear_probe", "run_cld"]
+__all__ = ["CLDModule", "INSTANCES", "build_model", "cld_arch", "cld_lr", "run_cld"]

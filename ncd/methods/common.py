@@ -17,10 +17,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from ncd.checkpoint import load_state_strict
+from ncd.data import build_dataset, build_transform
+from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError, Preempted
-from ncd.utils import atomic_path, write_text_atomic
+from ncd.models import model_from_arch
+from ncd.utils import atomic_path, config_hash, write_text_atomic
 
 log = logging.getLogger("ncd")
 
@@ -47,14 +53,10 @@ class RunContext:
 
     def transform(self, kind: str, info, overrides: dict[str, Any] | None = None):
         """``build_transform`` with the experiment-wide ``transform`` options, then ``overrides``."""
-        from ncd.data import build_transform
-
         return build_transform(kind, info, **{**self.cfg.get("transform", {}), **(overrides or {})})
 
     def meta(self, **extra: Any) -> dict[str, Any]:
         """Provenance stored in every model.ckpt."""
-        from ncd.utils import config_hash
-
         return {"experiment": self.experiment, "seed": self.seed, "stage": self.stage,
                 "config_hash": config_hash(self.cfg), "wall_time_s": time.time() - self.started, **extra}
 
@@ -112,6 +114,11 @@ def build_scheduler(opt: torch.optim.Optimizer, sched_cfg: dict[str, Any], epoch
     raise NcdError(f"unknown scheduler {name!r}; expected 'constant', 'cosine' or 'warmup_cosine'")
 
 
+# Test hook (tests/test_stages.py): with this variable set, a stage kills itself with SIGKILL right
+# after its first last.ckpt, as a cluster's OOM killer or a node failure would.
+KILL_AFTER_SAVE = "NCD_TEST_KILL_AFTER_SAVE"
+
+
 class AtomicLastCheckpoint(L.Callback):
     """Writes ``last.ckpt`` at the end of every epoch through a temp file and a rename, so a
     killed job resumes from the last complete epoch and never from a torn file."""
@@ -134,6 +141,8 @@ class AtomicLastCheckpoint(L.Callback):
             trainer.save_checkpoint(tmp)
         # the sidecar says which config made last.ckpt, so a rerun with other params starts afresh
         write_text_atomic(_sidecar(self.path), self.cfg_hash + "\n")
+        if os.environ.get(KILL_AFTER_SAVE):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die at the worst moment, right after a save
 
 
 class SaveOnSignal(L.Callback):
@@ -225,8 +234,6 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
     """Train ``module`` for ``epochs`` epochs (validating after each one when ``val_loader`` is
     given), resuming from ``out_dir/last.ckpt`` if it was written under the same config."""
     rt = ctx.runtime
-    from ncd.utils import config_hash
-
     cfg_hash = config_hash(ctx.cfg)
     last = ctx.out_dir / "last.ckpt"
     if last.is_file():
@@ -272,11 +279,6 @@ def cluster_plugins(devices: int) -> list:
     the time-limit signal). When one task holds every device (a multi-GPU job inside the
     container, where there is no ``srun``), Lightning starts the DDP processes itself.
     """
-    from lightning.fabric.plugins.environments import (
-        LightningEnvironment,
-        SLURMEnvironment,
-    )
-
     if not SLURMEnvironment.detect():
         return []
     ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
@@ -304,14 +306,45 @@ def inference_device(runtime: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
+def single_device(ctx: RunContext, why: str) -> None:
+    """Refuse ``runtime.devices`` > 1 for a stage that must see every sample in one process."""
+    n = int(ctx.runtime.get("devices", 1))
+    if n > 1:
+        raise NcdError(f"stage '{ctx.stage}' runs on one device: {why}; got runtime.devices={n}, expected 1")
+
+
+def restore(blob: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The model a checkpoint (:func:`ncd.checkpoint.load_model`) describes, with its weights, on
+    ``device`` in eval mode."""
+    model = model_from_arch(blob["arch"])
+    load_state_strict(model, blob["state_dict"], f"checkpoint {blob.get('path', '')}".strip())
+    return model.to(device).eval()
+
+
+def eval_loader(ctx: RunContext, info, split: str, transform=None, batch_size: int | None = None) -> DataLoader:
+    """An evaluation loader over ``split`` (a split name of ``info``): the val transform unless
+    ``transform`` is given, ``evaluate.batch_size`` unless ``batch_size`` is."""
+    t = ctx.transform("val", info) if transform is None else transform
+    bs = int(ctx.cfg["evaluate"]["batch_size"]) if batch_size is None else batch_size
+    return make_loader(Transformed(build_dataset(ctx.cfg["dataset"], ctx.data_root, split), t), bs, ctx, train=False)
+
+
+def split_names(info) -> dict[str, str]:
+    """The metrics table's split names → the dataset's split names."""
+    return {"train": info.train_split, "test": info.test_split}
+
+
+def eval_splits(ctx: RunContext) -> list[str]:
+    """The splits of ``evaluate.splits`` (train and/or test), in the metrics table's names."""
+    return list(ctx.cfg["evaluate"]["splits"])
+
+
 @torch.no_grad()
 def collect(fn, loader: DataLoader, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn`` over an eval loader of ``(image, target, index)``; return (outputs, targets) on the CPU.
 
     ``fn`` returns a tensor whose *last but one* dimension is the batch (``[B, d]`` or ``[H, B, K]``).
     """
-    from tqdm import tqdm
-
     outs, targets = [], []
     for x, y, _ in tqdm(loader, desc=desc, leave=False, mininterval=2.0):
         outs.append(fn(x.to(device, non_blocking=True)).float().cpu())

@@ -20,7 +20,7 @@ log = logging.getLogger("ncd")
 def knn_indices(features: np.ndarray, k: int) -> np.ndarray:
     """Exact inner-product search of every row against all rows: ``[N, k+1]`` indices,
     normally with the row itself in column 0 (faiss ``IndexFlatIP``, as SCAN)."""
-    import faiss
+    import faiss  # only mining needs faiss, and not every machine has it (the GPU test machine has none)
 
     x = np.ascontiguousarray(features, dtype=np.float32)
     index = faiss.IndexFlatIP(x.shape[1])

@@ -3,7 +3,7 @@ cross-entropy training of ``hc`` heads against pseudo-labels, alternated with a 
 re-assigns every image by Sinkhorn-Knopp under the equal-size constraint.
 
 One LightningModule (:class:`SeLaModule`), the stage runner (:func:`run_sela`) and SeLa's evaluation
-rows (:func:`sela_rows`: clustering metrics of the heads on the test split and of the self-labels on the
+rows (:func:`evaluate_sela`: clustering metrics of the heads on the test split and of the self-labels on the
 train split, weighted kNN, linear probe).
 """
 
@@ -17,15 +17,33 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 from ncd.checkpoint import save_model
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
+from ncd.eval.clustering import hungarian_evaluate
+from ncd.eval.knn import weighted_knn
+from ncd.eval.linear_probe import linear_probe
+from ncd.eval.metrics import clustering_metrics
+from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses.sela import label_step_plan, sela_cost, sela_label_step
-from ncd.methods.common import RunContext, build_optimizer, build_scheduler, collect, finish, fit, make_loader
+from ncd.methods.common import (
+    RunContext,
+    build_optimizer,
+    build_scheduler,
+    collect,
+    eval_splits,
+    finish,
+    fit,
+    make_loader,
+    restore,
+    single_device,
+)
 from ncd.models import build_backbone
 from ncd.models.sela import SeLaModel
 
@@ -52,8 +70,6 @@ def sela_transform(kind: str, info, preset: str = "imagenet", **overrides: Any):
     (order by ``grayscale_first``) → horizontal flip → ToTensor → Normalize(dataset mean/std).
     val: [Resize(eval_resize)] → CenterCrop(crop_size) → ToTensor → Normalize.
     """
-    from torchvision import transforms as T
-
     if preset not in AUGMENT_PRESETS:
         raise NcdError(f"unknown SeLa augment preset {preset!r}; expected one of {', '.join(AUGMENT_PRESETS)}")
     unknown = sorted(set(overrides) - set(AUGMENT_PRESETS[preset]))
@@ -234,9 +250,7 @@ def sela_arch(ctx: RunContext, info, dim: int, n: int) -> dict[str, Any]:
 def run_sela(ctx: RunContext, out: Path) -> None:
     """Train SeLa on the train split; model.ckpt holds the network, the label matrix and the best head."""
     sc = ctx.cfg["sela"]
-    if int(ctx.runtime.get("devices", 1)) > 1:
-        raise NcdError(f"SeLa runs on one device (its label step needs every output in one place), got "
-                       f"runtime.devices={ctx.runtime['devices']}; expected 1")
+    single_device(ctx, "SeLa runs on one device (its label step needs every output in one place)")
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
     base = build_dataset(dataset, ctx.data_root, info.train_split)
@@ -267,15 +281,12 @@ def _knn_features(train: torch.Tensor, test: torch.Tensor, pca: int) -> tuple[to
     """L2-normalised features for the kNN, optionally after PCA fitted on the train features (SeLa's
     CIFAR report uses 128 components)."""
     if pca:
-        from sklearn.decomposition import PCA
-
         p = PCA(n_components=min(pca, train.shape[0], train.shape[1]), whiten=False).fit(train.numpy())
         train, test = torch.from_numpy(p.transform(train.numpy())), torch.from_numpy(p.transform(test.numpy()))
     return F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
 
 
-def sela_rows(ctx: RunContext, model: SeLaModel, meta: dict[str, Any], info, device: torch.device,
-              batch_size: int) -> tuple[list[tuple[str, str, str, float]], dict]:
+def evaluate_sela(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
     """SeLa's metrics rows ``(split, head, metric, value)`` and the best head's test confusion matrix.
 
     * test: every head's argmax on the test images (SeLa's val transform) against the classes:
@@ -285,24 +296,17 @@ def sela_rows(ctx: RunContext, model: SeLaModel, meta: dict[str, Any], info, dev
     * test, head best: ``knn_top1`` (weighted kNN on the L2-normalised penultimate features, bank = train
       split) and ``linear_top1`` (a linear probe on the frozen penultimate features) when enabled.
     """
-    from ncd.eval.clustering import hungarian_evaluate
-    from ncd.eval.knn import weighted_knn
-    from ncd.eval.metrics import clustering_metrics
-
-    sc = ctx.cfg["sela"]
-    ev = ctx.cfg.get("evaluate", {})
+    sc, ev = ctx.cfg["sela"], ctx.cfg["evaluate"]
+    model: SeLaModel = restore(blob, device)
+    info = get_info(ctx.cfg["dataset"], ctx.data_root)
+    batch_size = int(ev["batch_size"])
     matching = sc.get("acc_matching", "hungarian")
-    best = int(meta.get("best_head", 0))
+    best = int(blob["meta"].get("best_head", 0))
     dataset = ctx.cfg["dataset"]
     tf = _transform(ctx, info, "val")
-    rows: list[tuple[str, str, str, float]] = []
+    rows: list[Row] = []
     confusion: dict[str, Any] = {}
-
-    def add(split: str, h: int, res: dict[str, float]) -> None:
-        for m in ("acc", "nmi", "ami", "ari"):
-            rows.append((split, str(h), m, float(res[m])))
-            if h == best:
-                rows.append((split, "best", m, float(res[m])))
+    metrics = ("acc", "nmi", "ami", "ari")
 
     def outputs(split: str, heads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Penultimate features (and, with ``heads``, every head's predicted cluster) of a split."""
@@ -322,30 +326,24 @@ def sela_rows(ctx: RunContext, model: SeLaModel, meta: dict[str, Any], info, dev
     labels = model.labels.cpu()
     if labels.shape[1] != len(train_y):
         raise NcdError(f"the label matrix has {labels.shape[1]} columns but the train split has {len(train_y)} images")
-    for h in range(model.num_heads):
-        add("train", h, clustering_metrics(labels[h], train_y, matching))
-
-    splits = ev.get("splits", ["test"])
-    if "test" not in splits:
+    rows += head_rows("train", [clustering_metrics(labels[h], train_y, matching) for h in range(model.num_heads)],
+                      metrics, best)
+    if "test" not in eval_splits(ctx):
         return rows, confusion
     feats_te, preds_te, y_te = outputs(info.test_split, heads=True)
-    for h in range(model.num_heads):
-        pred = preds_te[h]
-        add("test", h, clustering_metrics(pred, y_te, matching))
-        if h == best and model.num_clusters == info.num_classes:
-            res = hungarian_evaluate(pred, y_te, return_reordered=True)
-            confusion = {"head": best, "matrix": np.asarray(res["confusion"]).tolist()}
+    rows += head_rows("test", [clustering_metrics(preds_te[h], y_te, matching) for h in range(model.num_heads)],
+                      metrics, best)
+    if best < model.num_heads and model.num_clusters == info.num_classes:
+        confusion = confusion_of(hungarian_evaluate(preds_te[best], y_te, return_reordered=True), best)
     feats_tr, _, y_tr = outputs(info.train_split, heads=False)
-    k = int(ev.get("knn_k", 200))
+    k = int(ev["knn_k"])
     a, b = _knn_features(feats_tr, feats_te, int(sc.get("knn_pca", 0)))
     # on the inference device: at ImageNet scale the test x train similarities are the heavy part
     knn = weighted_knn(a.to(device), y_tr, b.to(device), y_te, info.num_classes, k=min(k, len(a)),
-                       sigma=float(ev.get("knn_sigma", 0.1)))
+                       sigma=float(ev["knn_sigma"]))
     rows.append(("test", "best", "knn_top1", float(knn["top1"])))
     lp = sc.get("linear_probe", {})
     if lp.get("enabled", True):
-        from ncd.eval.linear_probe import linear_probe
-
         opts = {key: v for key, v in lp.items() if key != "enabled"}
         res = linear_probe(feats_tr, y_tr, feats_te, y_te, info.num_classes, seed=ctx.seed,
                            accelerator="gpu" if device.type == "cuda" else "cpu", **opts)

@@ -8,13 +8,28 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchvision.datasets.utils import check_integrity, download_url
 
 from ncd.checkpoint import load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
+from ncd.eval.knn import weighted_knn
+from ncd.eval.rows import Row
 from ncd.losses import simclr_loss
-from ncd.methods.common import RunContext, build_optimizer, build_scheduler, finish, fit, make_loader
+from ncd.methods.common import (
+    RunContext,
+    build_optimizer,
+    build_scheduler,
+    collect,
+    eval_loader,
+    eval_splits,
+    finish,
+    fit,
+    make_loader,
+    restore,
+    split_names,
+)
 from ncd.models import ContrastiveModel, build_backbone
 
 log = logging.getLogger("ncd")
@@ -82,8 +97,6 @@ def import_moco(ctx: RunContext, out: Path) -> None:
     if not src:
         raise NcdError("pretrain.pretext is 'moco' but pretrain.checkpoint is empty; expected a URL or a file path")
     if src.startswith(("http://", "https://")):
-        from torchvision.datasets.utils import check_integrity, download_url
-
         folder = ctx.data_root.parent / "weights"  # beside the datasets, shared by experiments
         fname = src.rsplit("/", 1)[-1]
         md5 = sc.get("checkpoint_md5") or None
@@ -115,3 +128,19 @@ def import_moco(ctx: RunContext, out: Path) -> None:
     save_model(out, model.state_dict(), contrastive_arch(ctx, dim, "identity", dim),
                ctx.meta(pretext="moco", source=src))
     log.info("imported MoCo encoder from %s (%d tensors)", src, len(enc))
+
+
+def evaluate_pretrain(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
+    """Weighted kNN top-1 (``evaluate.knn_k``, ``knn_sigma``) of the pretext features, the train
+    split as the bank."""
+    info = get_info(ctx.cfg["dataset"], ctx.data_root)
+    model, names, ev = restore(blob, device), split_names(info), ctx.cfg["evaluate"]
+    bank, bank_y = collect(model, eval_loader(ctx, info, names["train"]), device, "embed train")
+    rows: list[Row] = []
+    for split in eval_splits(ctx):
+        feats, y = (bank, bank_y) if split == "train" else \
+            collect(model, eval_loader(ctx, info, names[split]), device, f"embed {split}")
+        res = weighted_knn(bank, bank_y, feats, y, info.num_classes, k=min(int(ev["knn_k"]), len(bank)),
+                           sigma=float(ev["knn_sigma"]))
+        rows.append((split, "best", "knn_top1", float(res["top1"])))
+    return rows, {}

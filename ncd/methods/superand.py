@@ -24,7 +24,14 @@ from ncd.data.wrappers import MultiView, Transformed
 from ncd.errors import NcdError
 from ncd.eval.knn import weighted_knn
 from ncd.losses import anchor_neighbourhoods, memory_bank_update, super_and_loss
-from ncd.methods.common import RunContext, build_optimizer, finish, fit, make_loader
+from ncd.methods.common import (
+    RunContext,
+    build_optimizer,
+    finish,
+    fit,
+    make_loader,
+    single_device,
+)
 from ncd.models.sobel import ResNet18withSobel, SuperANDModel
 
 log = logging.getLogger("ncd")
@@ -196,9 +203,7 @@ def run_superand(ctx: RunContext, out: Path) -> None:
     sc = ctx.stage_cfg
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
-    if int(ctx.runtime.get("devices", 1)) > 1:
-        raise NcdError(f"runtime.devices is {ctx.runtime['devices']}, but Super-AND keeps one memory bank per "
-                       "process; expected runtime.devices: 1")
+    single_device(ctx, "Super-AND keeps one memory bank per process")
     split = stage1_split(ctx.cfg, info)
     base = build_dataset(dataset, ctx.data_root, split)
     t = train_transform(ctx, info, sc.get("augment"))

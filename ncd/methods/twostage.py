@@ -23,8 +23,21 @@ from ncd.checkpoint import load_model, load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import MultiView, Transformed
 from ncd.errors import NcdError
+from ncd.eval.clustering import hungarian_evaluate
+from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses import twostage_loss
-from ncd.methods.common import RunContext, build_optimizer, collect, finish, fit, make_loader
+from ncd.methods.common import (
+    RunContext,
+    build_optimizer,
+    collect,
+    eval_splits,
+    finish,
+    fit,
+    make_loader,
+    restore,
+    single_device,
+    split_names,
+)
 from ncd.methods.superand import (
     build_encoder,
     encoder_arch,
@@ -109,9 +122,7 @@ def run_twostage(ctx: RunContext, embed_ckpt: Path | None, out: Path) -> None:
     sc = ctx.stage_cfg
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
-    if int(ctx.runtime.get("devices", 1)) > 1:
-        raise NcdError(f"runtime.devices is {ctx.runtime['devices']}, but stage 2 picks its epoch and head from "
-                       "one process's training losses; expected runtime.devices: 1")
+    single_device(ctx, "stage 2 picks its epoch and head from one process's training losses")
     low_dim = int(ctx.cfg.get("superand", {}).get("low_dim", 128))
     encoder = build_encoder(ctx, info, low_dim)
     init = sc.get("init", "superand")
@@ -153,8 +164,7 @@ def run_twostage(ctx: RunContext, embed_ckpt: Path | None, out: Path) -> None:
     finish(ctx)
 
 
-def evaluate_rows(ctx: RunContext, model: torch.nn.Module, arch: dict[str, Any], meta: dict[str, Any],
-                  splits: list[str], device: torch.device, batch_size: int) -> tuple[list[tuple], dict]:
+def evaluate_twostage(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
     """Metrics rows ``(split, head, metric, value)`` and a confusion matrix for either stage.
 
     superand: weighted kNN top-1 (k, σ of the stage-1 config) of the test split's embeddings against
@@ -163,6 +173,8 @@ def evaluate_rows(ctx: RunContext, model: torch.nn.Module, arch: dict[str, Any],
     (SCAN's ``hungarian_evaluate``; C × C votes, as the official ``protocols.test``), NMI and ARI;
     ``best`` = the head with the lowest training loss, ``avg`` = mean over heads.
     """
+    model, arch = restore(blob, device), blob["arch"]
+    batch_size = int(ctx.cfg["evaluate"]["batch_size"])
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
     t = eval_transform(ctx, info)
@@ -178,23 +190,14 @@ def evaluate_rows(ctx: RunContext, model: torch.nn.Module, arch: dict[str, Any],
                           float(sc.get("knn_sigma", 0.1)))
         return [("test", "best", "knn_top1", knn)], {}
 
-    from ncd.eval.clustering import hungarian_evaluate
-
-    best = int(meta.get("best_head", 0))
-    split_names = {"train": info.train_split, "test": info.test_split}
-    rows: list[tuple] = []
+    best = int(blob["meta"].get("best_head", 0))
+    names = split_names(info)
+    rows: list[Row] = []
     confusion: dict[str, Any] = {}
-    for split in splits:
-        probs, y = collect(model, loader(split_names[split]), device, f"predict {split}")
-        per: dict[str, list[float]] = {"acc": [], "nmi": [], "ari": []}
-        for h in range(probs.shape[0]):
-            res = hungarian_evaluate(probs[h].argmax(1), y, return_reordered=True)
-            for m in per:
-                per[m].append(float(res[m]))
-                rows.append((split, str(h), m, float(res[m])))
-                if h == best:
-                    rows.append((split, "best", m, float(res[m])))
-            if h == best and (split == "train" or not confusion):
-                confusion = {"split": split, "head": best, "matrix": np.asarray(res["confusion"]).tolist()}
-        rows += [(split, "avg", m, float(np.mean(v))) for m, v in per.items()]
+    for split in eval_splits(ctx):
+        probs, y = collect(model, loader(names[split]), device, f"predict {split}")
+        results = [hungarian_evaluate(p.argmax(1), y, return_reordered=True) for p in probs]
+        rows += head_rows(split, results, ("acc", "nmi", "ari"), best, avg=True)
+        if best < len(results) and (split == "train" or not confusion):
+            confusion = confusion_of(results[best], best, split=split)
     return rows, confusion

@@ -10,14 +10,32 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.nn import functional as F
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ncd.checkpoint import load_model, save_model
 from ncd.data import build_dataset, get_info
+from ncd.data.uno import (
+    build_uno_transform,
+    remap_targets,
+    uno_imagenet_split_ids,
+    uno_split,
+)
 from ncd.errors import NcdError
+from ncd.eval.clustering import cluster_acc, hungarian_evaluate
+from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses import uno_loss
-from ncd.methods.common import RunContext, build_optimizer, build_scheduler, finish, fit, make_loader
+from ncd.methods.common import (
+    RunContext,
+    build_optimizer,
+    build_scheduler,
+    finish,
+    fit,
+    make_loader,
+    restore,
+)
 from ncd.models import build_backbone
 from ncd.models.uno import MultiHeadModel
 
@@ -26,8 +44,6 @@ log = logging.getLogger("ncd")
 
 def resolve_split(cfg: dict[str, Any], data_root: Path) -> tuple[list[int], list[int]]:
     """Known and novel class ids in the dataset's label space, from ``split`` or ``split_name``."""
-    from ncd.data.uno import uno_imagenet_split_ids, uno_split
-
     if cfg.get("split"):
         return list(cfg["split"]["known"]), list(cfg["split"]["novel"])
     name = cfg.get("split_name")
@@ -48,8 +64,6 @@ class Relabeled(Dataset):
     novel → nlc..nlc+nuc−1; items are ``(views, target, index)`` with one view per transform."""
 
     def __init__(self, base: Dataset, known: list[int], novel: list[int], transforms: list, classes: str = "all") -> None:
-        from ncd.data.uno import remap_targets
-
         targets, keep = remap_targets(np.asarray(base.targets), known, novel)
         nlc = len(known)
         if classes == "known":
@@ -134,8 +148,6 @@ def _encoder(ctx: RunContext, info) -> tuple[torch.nn.Module, int]:
 
 
 def _transforms(ctx: RunContext, info, cfg: dict[str, Any], small: int) -> list:
-    from ncd.data.uno import build_uno_transform
-
     aug = cfg.get("augment", {})
     large = build_uno_transform("large", info, **aug)
     return [large, large] + [build_uno_transform("small", info, **aug)] * small
@@ -198,3 +210,49 @@ def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
              [round(float(v), 3) for v in module.loss_per_head])
     save_model(out, model.state_dict(), arch, ctx.meta(best_head=best, known=known, novel=novel))
     finish(ctx)
+
+
+@torch.no_grad()
+def _outputs(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labeled logits ``[N, C_l]``, every head's novel logits ``[H, N, C_u]`` and the targets."""
+    lab, unlab, ys = [], [], []
+    for x, y, _ in tqdm(loader, desc="predict", leave=False, mininterval=2.0):
+        o = model(x.to(device))
+        lab.append(o["logits_lab"].float().cpu())
+        unlab.append(o["logits_unlab"].float().cpu())
+        ys.append(torch.as_tensor(y))
+    return torch.cat(lab), torch.cat(unlab, dim=1), torch.cat(ys)
+
+
+def evaluate_uno(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
+    """UNO's three protocols (METHODS 3.6): task-aware and task-agnostic clustering accuracy on the
+    novel classes of the train and test splits (per head, ``avg`` and ``best``), and accuracy on
+    the known test classes."""
+    info = get_info(ctx.cfg["dataset"], ctx.data_root)
+    model = restore(blob, device)
+    known, novel = resolve_split(ctx.cfg, ctx.data_root)
+    best, bs = int(blob["meta"].get("best_head", 0)), int(ctx.cfg["evaluate"]["batch_size"])
+    t = build_uno_transform("eval", info)
+    rows: list[Row] = []
+    confusion: dict = {}
+    for name, split, classes in (("train-novel", info.train_split, "novel"), ("test-novel", info.test_split, "novel"),
+                                 ("test-known", info.test_split, "known")):
+        ds = Relabeled(build_dataset(ctx.cfg["dataset"], ctx.data_root, split), known, novel, [t], classes=classes)
+        lab, unlab, y = _outputs(model, make_loader(ds, bs, ctx, train=False), device)
+        if classes == "known":
+            agnostic = torch.cat([lab, unlab[best]], dim=1).argmax(1)
+            rows += [(name, "best", "acc", float((lab.argmax(1) == y).float().mean())),
+                     (name, "best", "acc_agnostic", float((agnostic == y).float().mean()))]
+            continue
+        target = (y - y.min()).numpy()  # UNO shifts the novel targets by their minimum
+        results = []
+        for h in range(unlab.shape[0]):
+            aware = unlab[h].argmax(1).numpy()
+            agnostic = torch.cat([lab, unlab[h]], dim=1).argmax(1).numpy()
+            results.append({"acc": cluster_acc(target, aware), "acc_agnostic": cluster_acc(target, agnostic),
+                            "nmi": normalized_mutual_info_score(target, aware), "ari": adjusted_rand_score(target, aware)})
+            if h == best and name == "test-novel":
+                res = hungarian_evaluate(torch.from_numpy(aware), torch.from_numpy(target), return_reordered=True)
+                confusion = confusion_of(res, best)
+        rows += head_rows(name, results, ("acc", "acc_agnostic", "nmi", "ari"), best, avg=True)
+    return rows, confusion

@@ -23,7 +23,7 @@ from ncd.config import load_config, resolve_experiment
 from ncd.data import build_dataset, get_info
 from ncd.data.cld import CLDViews, JigsawCrop, build_cld_transform, build_jigsaw_transform
 from ncd.errors import NcdError
-from ncd.eval.stage import evaluate
+from ncd.methods.evaluate import evaluate
 from ncd.losses import memory_bank_update
 from ncd.methods.cld import CLDModule, cld_lr, run_cld
 from ncd.methods.common import RunContext
@@ -276,7 +276,7 @@ def test_digits_npid_cld_train_and_evaluate(tmp_path):
     assert not (ctx.out_dir / "last.ckpt").exists()
     hist = (ctx.out_dir / "history.csv").read_text()
     assert "val_knn_top1" in hist and "train_loss_cld" in hist and "train_group_acc" in hist
-    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", "cld", ctx.out_dir / "metrics.json")
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
     got = {(r["split"], r["head"], r["metric"]): r["value"] for r in rows}
     assert set(got) == {("test", "best", m) for m in ("knn_top1", "acc", "nmi", "ari")}
     assert all(r["method"] == "cld" and r["stage"] == "cld" and r["dataset"] == "digits" for r in rows)
@@ -323,7 +323,7 @@ def test_cifar_paper_settings_on_fabricated_files(tmp_path, monkeypatch, exp):
     run_cld(ctx, ctx.out_dir / "model.ckpt")
     arch = load_model(ctx.out_dir / "model.ckpt")["arch"]
     assert arch["head"] == ("normlinear" if "moco" in exp else "linear") and arch["pool_len"] == 4
-    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", "cld", ctx.out_dir / "metrics.json")
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
     assert {r["metric"] for r in rows} == {"knn_top1", "acc", "nmi", "ari"}
 
 
@@ -345,7 +345,7 @@ def test_imagenet_paper_settings_on_fabricated_files(tmp_path, exp):
     run_cld(ctx, ctx.out_dir / "model.ckpt")
     arch = load_model(ctx.out_dir / "model.ckpt")["arch"]
     assert arch["mlp"] and arch["head"] == "normlinear" and arch["jigsaw"] == (exp == "cld_imagenet_infomin")
-    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", "cld", ctx.out_dir / "metrics.json")
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
     assert [(r["split"], r["metric"]) for r in rows] == [("test", "linear_top1")]
     assert 0.0 <= rows[0]["value"] <= 1.0
 

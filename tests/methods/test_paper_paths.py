@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ncd.config import load_config, resolve_experiment
-from ncd.eval.stage import evaluate
+from ncd.methods.evaluate import evaluate
 from ncd.methods.common import RunContext
 from ncd.methods.neighbors import run_mine
 from ncd.methods.scan import run_scan
@@ -49,7 +49,7 @@ def test_scan_paper_path_on_fabricated_files(tmp_path, monkeypatch, exp_name, wr
     run_scan(ctx("scan"), run / "pretrain/model.ckpt", run / "pretrain/neighbors.npz", run / "scan/model.ckpt")
     run_selflabel(ctx("selflabel"), run / "scan/model.ckpt", run / "selflabel/model.ckpt")
     for stage in ("pretrain", "scan", "selflabel"):
-        rows = evaluate(ctx(stage), run / stage / "model.ckpt", "scan", run / stage / "metrics.json")
+        rows = evaluate(ctx(stage), run / stage / "model.ckpt", run / stage / "metrics.json")
         assert rows and all(r["dataset"] == cfg["dataset"] and r["value"] == r["value"] for r in rows)
         # ARI can be negative, and SCAN's top-5 can exceed 1 when clusters outnumber the labels present
         assert all(0 <= r["value"] <= 1 for r in rows if r["metric"] in ("acc", "nmi", "knn_top1"))

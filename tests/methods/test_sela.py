@@ -13,7 +13,7 @@ import torch
 from ncd.checkpoint import load_model
 from ncd.config import load_config, resolve_experiment
 from ncd.errors import NcdError
-from ncd.eval.stage import evaluate
+from ncd.methods.evaluate import evaluate
 from ncd.methods import sela as S
 from ncd.methods.common import RunContext
 
@@ -111,7 +111,7 @@ def test_sela_digits_stage_and_evaluation(tmp_path, monkeypatch):
     assert meta["best_head"] == int(np.argmin(meta["head_losses"]))
     assert not (ctx.out_dir / "last.ckpt").exists()
 
-    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", "sela", ctx.out_dir / "metrics.json")
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
     got = {(r["split"], r["head"], r["metric"]): r["value"] for r in rows}
     for split in ("train", "test"):
         for h in ("0", "1", "best"):
@@ -139,7 +139,7 @@ def test_round_robin_linear_schedule_relabels_one_head_per_step(tmp_path):
     log = meta["label_log"]
     assert log and all(e["head"] == e["epoch"] % 3 for e in log)
     assert all(e["cost"] is not None and e["cost"] > 0 for e in log)
-    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", "sela", ctx.out_dir / "metrics.json")
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
     assert not any(r["metric"] == "linear_top1" for r in rows)
 
 
@@ -220,7 +220,7 @@ def test_over_clustering_evaluates_with_rectangular_matching(tmp_path):
     cfg = _digits_cfg(epochs=1, num_heads=1, num_clusters=15, nopts=2, linear_probe={"enabled": False})
     ctx = _ctx(tmp_path, cfg)
     S.run_sela(ctx, ctx.out_dir / "model.ckpt")
-    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", "sela", ctx.out_dir / "metrics.json")
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
     got = {(r["split"], r["head"], r["metric"]): r["value"] for r in rows}
     assert 0 < got[("test", "best", "acc")] <= 1 and ("train", "0", "ami") in got
 
@@ -242,6 +242,6 @@ def test_sela_cifar10_paper_path_on_fabricated_files(tmp_path, monkeypatch):
     S.run_sela(ctx, run / "model.ckpt")
     blob = load_model(run / "model.ckpt", expected={"kind": "sela", "backbone": "sela_alexnet"})
     assert blob["arch"]["head_init"] == "sela" and blob["state_dict"]["labels"].shape == (2, 10)
-    rows = evaluate(ctx, run / "model.ckpt", "sela", run / "metrics.json")
+    rows = evaluate(ctx, run / "model.ckpt", run / "metrics.json")
     got = {(r["split"], r["head"], r["metric"]) for r in rows}
     assert {("test", "best", "knn_top1"), ("test", "best", "linear_top1"), ("train", "best", "ami")} <= got

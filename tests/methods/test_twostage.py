@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from ncd.checkpoint import load_model
 from ncd.config import load_config, resolve_experiment
 from ncd.errors import NcdError
-from ncd.eval.stage import evaluate
+from ncd.methods.evaluate import evaluate
 from ncd.methods.common import RunContext
 from ncd.methods.superand import SuperANDModule, lr_factor, lr_schedule, run_superand
 from ncd.methods.twostage import TwoStageModule, run_twostage
@@ -236,10 +236,10 @@ def test_twostage_checkpoint_starts_from_stage_one(digits_run):
 
 def test_evaluation_rows_of_both_stages(digits_run):
     tmp, cfg, ctx = digits_run
-    rows1 = evaluate(ctx("superand"), tmp / "superand/model.ckpt", "twostage", tmp / "superand/metrics.json")
+    rows1 = evaluate(ctx("superand"), tmp / "superand/model.ckpt", tmp / "superand/metrics.json")
     assert [(r["split"], r["head"], r["metric"]) for r in rows1] == [("test", "best", "knn_top1")]
     assert 0.1 < rows1[0]["value"] <= 1.0 and rows1[0]["stage"] == "superand"
-    rows = evaluate(ctx("twostage"), tmp / "twostage/model.ckpt", "twostage", tmp / "twostage/metrics.json")
+    rows = evaluate(ctx("twostage"), tmp / "twostage/model.ckpt", tmp / "twostage/metrics.json")
     got = {(r["split"], r["head"], r["metric"]): r["value"] for r in rows}
     best = torch.load(tmp / "twostage/model.ckpt", weights_only=True)["meta"]["best_head"]
     for split in ("train", "test"):
@@ -306,7 +306,7 @@ def test_paper_path_on_fabricated_files(tmp_path, monkeypatch, exp_name, write, 
     assert s1["arch"]["split"] == ("train+unlabeled" if "stl" in exp_name else "train")
     run_twostage(ctx("twostage"), run / "superand/model.ckpt", run / "twostage/model.ckpt")
     for stage in ("superand", "twostage"):
-        rows = evaluate(ctx(stage), run / stage / "model.ckpt", "twostage", run / stage / "metrics.json")
+        rows = evaluate(ctx(stage), run / stage / "model.ckpt", run / stage / "metrics.json")
         assert rows and all(r["dataset"] == cfg["dataset"] for r in rows)
         assert all(0 <= r["value"] <= 1 for r in rows if r["metric"] in ("acc", "nmi", "knn_top1"))
     conf = json.loads((run / "twostage/metrics.json").read_text())["confusion"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from ncd.checkpoint import load_model
 from ncd.config import load_config, resolve_experiment
-from ncd.eval.stage import evaluate
+from ncd.methods.evaluate import evaluate
 from ncd.methods.common import RunContext, build_optimizer, build_scheduler
 from ncd.methods.uno import run_discover, run_pretrain_supervised
 from ncd.models import build_backbone, model_from_arch
@@ -75,7 +75,7 @@ def test_uno_cifar10_path_on_fabricated_files(tmp_path, monkeypatch):
     assert blob["meta"]["best_head"] in (0, 1)
     model = model_from_arch(blob["arch"])
     model.load_state_dict(blob["state_dict"])
-    rows = evaluate(ctx("discover"), run / "discover/model.ckpt", "uno", run / "discover/metrics.json")
+    rows = evaluate(ctx("discover"), run / "discover/model.ckpt", run / "discover/metrics.json")
     got = {(r["split"], r["head"], r["metric"]) for r in rows}
     for split in ("train-novel", "test-novel"):
         assert {(split, h, m) for h in ("0", "1", "best", "avg") for m in ("acc", "acc_agnostic", "nmi", "ari")} <= got

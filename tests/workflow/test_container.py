@@ -95,7 +95,7 @@ def _dry_jobs(*extra: str) -> list[dict[str, str]]:
     return jobs
 
 
-GPU_RULES = {"pretrain", "mine_neighbors", "scan", "selflabel", "pretrain_supervised", "discover", "evaluate",
+GPU_RULES = {"pretrain", "mine", "pretext_kmeans", "scan", "selflabel", "pretrain_supervised", "discover", "evaluate",
              "sela", "cld", "superand", "twostage"}
 
 
@@ -113,7 +113,7 @@ def test_every_gpu_rule_requests_gpus_and_names_the_image():
     assert {j["rule"] for j in multi} == {"pretrain_supervised", "discover", "cld"}  # UNO and CLD on ImageNet
     assert all(j["tasks"] == j["gpu"] and j["mpi"] == "srun" for j in multi)
     assert not [j for j in jobs if j["rule"] == "evaluate" and j["gpu"] != "1"]
-    assert not [j for j in jobs if j["rule"] == "kmeans" and j.get("gpu", "0") != "0"]
+    assert not [j for j in jobs if j["rule"] == "cluster" and j.get("gpu", "0") != "0"]
     assert {j["rule"] for j in jobs if "cpus_per_task" not in j} == {"prepare_dataset", "aggregate", "report", "all"}
 
 

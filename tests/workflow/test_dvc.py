@@ -25,7 +25,7 @@ TINY = {
         "scan_digits": copy.deepcopy(WORKFLOW_TINY["experiments"]["scan_digits"]),
     },
 }
-TRAINING = ("pretrain", "mine_neighbors", "scan", "selflabel", "evaluate", "prepare_dataset")
+TRAINING = ("pretrain", "mine", "pretext_kmeans", "scan", "selflabel", "evaluate", "prepare_dataset")
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
        "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
 

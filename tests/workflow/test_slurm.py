@@ -24,7 +24,7 @@ from test_workflow import ROOT, snakemake  # same folder: pytest puts it on sys.
 from test_workflow import TINY as WORKFLOW_TINY
 
 CLUSTER = ROOT / "tests/slurm/cluster.sh"
-TRAINING = ("pretrain", "mine_neighbors", "scan", "selflabel", "evaluate")
+TRAINING = ("pretrain", "mine", "pretext_kmeans", "scan", "selflabel", "evaluate")
 
 TINY = {
     "seeds": [0],
@@ -77,7 +77,7 @@ def test_training_steps_run_as_slurm_jobs_with_their_resources(slurm_cluster, tm
 
     jobs = _jobs_by_rule(logdir)
     assert sorted(jobs) == sorted(TRAINING), jobs  # prepare_dataset, aggregate and report stayed local
-    assert len(jobs["evaluate"]) == 3  # pretrain (kNN), scan, selflabel
+    assert len(jobs["evaluate"]) == 4  # pretrain (kNN), pretext_kmeans, scan, selflabel
     ids = [j for rule in TRAINING for j in jobs[rule]]
     acct = subprocess.run(["sacct", "-X", "--parsable2", "--noheader", "-j", ",".join(ids),
                            "--format=JobIDRaw,State,AllocCPUS,ReqMem,AllocTRES,Timelimit,Account,Partition"],

@@ -39,9 +39,11 @@ def test_embedded_dag(tmp_path):
     r = snakemake("-n", "--cores", "1", *dirs(tmp_path))
     assert r.returncode == 0, r.stderr
     c = job_counts(r.stdout + r.stderr)
-    # 3 seeds: kmeans, and SCAN's pretrain -> mine -> scan -> selflabel; 4 evaluated stages per seed
+    # 3 seeds: k-means (cluster), and SCAN's pretrain -> mine -> scan -> selflabel with pretext_kmeans
+    # beside them (4 evaluated stages per seed)
     assert c["prepare_dataset"] == 1
-    for rule in ("kmeans", "pretrain", "mine_neighbors", "scan", "selflabel", "pretrain_supervised", "discover"):
+    for rule in ("cluster", "pretrain", "mine", "pretext_kmeans", "scan", "selflabel", "pretrain_supervised",
+                 "discover"):
         assert c[rule] == 3, (rule, c)
     # CLD: cld_digits and its baseline npid_digits, one cld stage each per seed
     assert c["cld"] == 6
@@ -49,7 +51,7 @@ def test_embedded_dag(tmp_path):
     assert c["sela"] == 3
     # two-stage: Super-AND then stage 2 per seed, both evaluated
     assert c["superand"] == c["twostage"] == 3
-    assert c["evaluate"] == 15 + 6 + 3 + 6
+    assert c["evaluate"] == 18 + 6 + 3 + 6
     assert c["aggregate"] == c["report"] == c["all"] == 1
 
 
@@ -60,8 +62,8 @@ def test_paper_dag_without_data(tmp_path):
     c = job_counts(out)
     # CIFAR-10, CIFAR-100-20, STL-10 (5 seeds) and ImageNet-50/100/200 (3 seeds); all subsets share one ImageNet folder
     assert c["pretrain"] == 3 * 5 + 3 * 3
-    assert c["scan"] == c["selflabel"] == c["mine_neighbors"] == 24
-    assert c["kmeans"] == 15
+    assert c["scan"] == c["selflabel"] == c["mine"] == c["pretext_kmeans"] == 24
+    assert c["cluster"] == 15
     # UNO: CIFAR-10 5/5, CIFAR-100 80/20 and 50/50 (5 seeds), ImageNet A/B/C (3 seeds)
     assert c["pretrain_supervised"] == c["discover"] == 3 * 5 + 3 * 3
     # CLD: NPID and MoCo on CIFAR-10/100 with their lambda = 0 baselines (3 seeds), MoCo v2 and InfoMin
@@ -103,6 +105,7 @@ TINY = {
             "pretrain": {"epochs": 2, "batch_size": 256, "features_dim": 16},
             "scan": {"epochs": 2, "batch_size": 256, "num_heads": 2},
             "selflabel": {"epochs": 1, "batch_size": 256, "confidence_threshold": 0.5},
+            "pretext_kmeans": {"n_init": 2},
         },
         "uno_digits": {
             "backbone_kwargs": {"width": 8, "pool": 2},
@@ -127,12 +130,13 @@ def test_real_end_to_end_run(tmp_path):
         assert not (res / f"scan_digits/seed0/{stage}/last.ckpt").exists()  # removed once done
         assert (res / f"logs/{stage}/scan_digits_seed0.log").read_text().strip()
         assert (res / f"benchmarks/{stage}/scan_digits_seed0.tsv").is_file()
-    assert (res / "scan_digits/seed0/pretrain/neighbors.npz").is_file()
+    assert (res / "scan_digits/seed0/mine/neighbors.npz").is_file()
     rows = list(csv.DictReader((res / "metrics.csv").open()))
     assert list(rows[0]) == ["experiment", "method", "stage", "dataset", "split", "seed", "head", "metric", "value"]
     best = {(r["experiment"], r["stage"], r["metric"]): float(r["value"]) for r in rows if r["head"] == "best"}
     assert 0.6 < best[("kmeans_digits", "cluster", "acc")] < 0.9
-    for key in [("scan_digits", "scan", "acc"), ("scan_digits", "selflabel", "acc"), ("scan_digits", "pretrain", "knn_top1")]:
+    for key in [("scan_digits", "scan", "acc"), ("scan_digits", "selflabel", "acc"), ("scan_digits", "pretrain", "knn_top1"),
+                ("scan_digits", "pretext_kmeans", "acc"), ("scan_digits", "pretext_kmeans", "nmi")]:
         assert 0.0 <= best[key] <= 1.0
     assert {r["head"] for r in rows if r["stage"] == "scan"} == {"0", "1", "best"}
     uno = {(r["split"], r["head"], r["metric"]) for r in rows if r["experiment"] == "uno_digits"}
@@ -147,6 +151,43 @@ def test_real_end_to_end_run(tmp_path):
     assert list((tmp_path / "reports/figures").glob("confusion_scan_digits_selflabel.png"))
     r = snakemake("-n", "--cores", "2", "--configfile", str(cfg), *dirs(tmp_path))
     assert "Nothing to be done" in r.stdout + r.stderr
+    _a_change_reruns_exactly_what_it_affects(tmp_path)
+
+
+def scheduled(out: str) -> set[tuple[str, str]]:
+    """``(rule, "exp/stage")`` of every job of a dry run (``stage`` is the evaluated stage, or the rule)."""
+    jobs = set()
+    for block in re.split(r"\n(?=\[[^\n]*\]\n(?:local)?rule )", out):
+        m = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        if not m:
+            continue
+        w = dict(re.findall(r"(\w+)=([^,\s]+)", (re.search(r"wildcards: (.*)", block) or [""])[0]))
+        jobs.add((m.group(1), f"{w.get('exp', '')}/{w.get('stage', m.group(1) if 'exp' in w else '')}"))
+    return jobs
+
+
+def _a_change_reruns_exactly_what_it_affects(tmp_path: Path) -> None:
+    """After a full run, each edit schedules, in one invocation, exactly the stages that read the
+    edited key, those downstream of them, their evaluations, aggregate and report."""
+    final = {("aggregate", "/"), ("report", "/"), ("all", "/")}
+
+    def dry(edit) -> set[tuple[str, str]]:
+        cfg = yaml.safe_load(yaml.safe_dump(TINY))
+        edit(cfg["experiments"])
+        f = tmp_path / "edited.yaml"
+        f.write_text(yaml.safe_dump(cfg))
+        r = snakemake("-n", "--cores", "1", "--configfile", str(f), *dirs(tmp_path))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return scheduled(r.stdout + r.stderr) - final
+
+    assert dry(lambda e: e["scan_digits"]["selflabel"].update(epochs=2)) == {
+        ("selflabel", "scan_digits/selflabel"), ("evaluate", "scan_digits/selflabel")}
+    stages = ("pretrain", "mine", "pretext_kmeans", "scan", "selflabel")
+    assert dry(lambda e: e["scan_digits"]["pretrain"].update(epochs=3)) == {
+        *((s, f"scan_digits/{s}") for s in stages),
+        *(("evaluate", f"scan_digits/{s}") for s in stages if s != "mine")}
+    assert dry(lambda e: e["uno_digits"]["discover"].update(epochs=3)) == {
+        ("discover", "uno_digits/discover"), ("evaluate", "uno_digits/discover")}
 
 
 def test_adding_a_seed_does_not_rerun_existing_runs(tmp_path):

@@ -1,15 +1,14 @@
 rule evaluate:
-    """Metrics of one stage's model on the evaluation splits (SCAN's Hungarian protocol, kNN)."""
+    """Metrics of one stage's artifact on the evaluation splits (the stage's own evaluator, ncd/stages.py)."""
     input:
-        unpack(artifact_inputs("evaluate", f"{RUN}/{{stage}}", model=f"{RUN}/{{stage}}/model.ckpt")),
+        unpack(stage_inputs("evaluate", evaluate=True)),
     output:
         metrics=f"{RUN}/{{stage}}/metrics.json",
         record=record_of("evaluate", f"{RUN}/{{stage}}"),
     params:
-        cfg=exp_json,
-        config_hash=config_hash_of,
+        cfg=slice_json(evaluate=True),
+        config_hash=slice_hash(evaluate=True),
         root=data_root,
-        method=method_of,
     log:
         f"{RESULTS}/logs/evaluate/{{exp}}_seed{{seed}}_{{stage}}.log",
     benchmark:
@@ -21,7 +20,7 @@ rule evaluate:
     shell:
         (
             "python -m ncd evaluate --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
-            "--data-root {params.root} --ckpt {input.model} --method {params.method} --stage {wildcards.stage} "
+            "--data-root {params.root} --ckpt {input.model} --stage {wildcards.stage} "
             "--out {output.metrics} --log {log} --threads {threads}"
             + RECORD
         )

@@ -8,6 +8,7 @@ rule report:
     input:
         table=f"{RESULTS}/metrics.csv",
         reported="reports/reported.yaml",
+        protocols="reports/protocols.yaml",
     output:
         html=f"{REPORTS}/index.html",
         readme=f"{REPORTS}/README.md",
@@ -21,5 +22,5 @@ rule report:
         f"{RESULTS}/benchmarks/report/all.tsv"
     container: CONTAINER
     shell:
-        "python -m ncd report --metrics {input.table} --reported {input.reported} --results {params.results} "
+        "python -m ncd report --metrics {input.table} --reported {input.reported} --protocols {input.protocols} --results {params.results} "
         "--benchmarks {params.results}/benchmarks --experiments {params.experiments} --out {params.out} --log {log}"

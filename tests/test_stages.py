@@ -1,0 +1,205 @@
+"""Conformance of every stage of the stage table (a new stage is tested by being registered).
+
+Each registered stage, on digits with the embedded default shrunk to two epochs: is killed with
+SIGKILL right after its first last.ckpt and resumes from it (stages that train with Lightning), or
+simply runs (the others); then its evaluation writes rows whose columns and vocabulary are
+DESIGN.md's metrics table. Plus the table's own invariants, and the rule that a killed stage
+resumes only when its own slice of the config is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ncd.cli import main
+from ncd.config import SCHEMA_DIR, check_stage_config, load_config, schema, stage_config
+from ncd.errors import NcdError
+from ncd.methods.common import KILL_AFTER_SAVE
+from ncd.stages import METHODS, METRICS, METRICS_COLUMNS, SPLITS, STAGES, artifact, evaluated_stages, load
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = {"kmeans": "kmeans_digits", "scan": "scan_digits", "uno": "uno_digits", "sela": "sela_digits",
+              "cld": "cld_digits", "twostage": "twostage_digits"}
+# the embedded default, two epochs per training stage (one before the kill, one after the resume)
+SHRINK = {
+    "cluster": {"n_init": 1},
+    "pretrain": {"epochs": 2, "batch_size": 256},
+    "mine": {"topk": 5, "topk_val": 3},
+    "pretext_kmeans": {"n_init": 1},
+    "scan": {"epochs": 2, "batch_size": 256, "num_heads": 2},
+    "selflabel": {"epochs": 2, "batch_size": 256, "confidence_threshold": 0.5},
+    "pretrain_supervised": {"epochs": 2},
+    "discover": {"epochs": 2, "num_heads": 2, "hidden_dim": 32, "proj_dim": 16},
+    "sela": {"epochs": 2, "nopts": 2, "batch_size": 256, "scheduler": {"name": "constant"},
+             "linear_probe": {"epochs": 2, "batch_size": 256, "lr": 0.1, "milestones": [1]}},
+    "cld": {"epochs": 2, "batch_size": 128, "knn_every": 1},
+    "superand": {"rounds": 2, "epochs": 1, "batch_size": 256},
+    "twostage": {"epochs": 2, "batch_size": 256, "lr_schedule": {"start": 1, "every": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    cfg = load_config([ROOT / "config.yaml"])
+    for stage, over in SHRINK.items():
+        exp = cfg["experiments"][EXPERIMENT[STAGES[stage].method]]
+        exp[stage] = {**exp.get(stage, {}), **over}
+    for exp in cfg["experiments"].values():
+        exp["runtime"] = {**exp.get("runtime", {}), "accelerator": "cpu", "threads": 1}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stages")
+
+
+def _args(config: dict, work: Path, stage: str, out: Path, evaluate: bool = False) -> list[str]:
+    exp = EXPERIMENT[STAGES[stage].method]
+    slice_file = out.parent / (".eval.json" if evaluate else ".slice.json")
+    slice_file.parent.mkdir(parents=True, exist_ok=True)
+    slice_file.write_text(json.dumps(stage_config(config, exp, stage, evaluate)))
+    args = ["--experiment", exp, "--seed", "0", "--config", f"@{slice_file}", "--data-root", str(work / "digits"),
+            "--out", str(out), "--threads", "1"]
+    if not evaluate:
+        ups = STAGES[stage].inputs_for(config["experiments"][exp])
+        for name, up in ups.items():
+            args += [f"--{name.replace('_', '-')}", str(work / artifact(up))]
+    return args
+
+
+def _ensure(config: dict, work: Path, stage: str) -> None:
+    """Run the upstream stages of ``stage`` that no earlier test ran (a test run on its own)."""
+    exp = config["experiments"][EXPERIMENT[STAGES[stage].method]]
+    for up in STAGES[stage].inputs_for(exp).values():
+        if not (work / artifact(up)).is_file():
+            _ensure(config, work, up)
+            assert main([up, *_args(config, work, up, work / artifact(up))]) == 0
+
+
+def _history_epochs(run: Path) -> list[int]:
+    with (run / "history.csv").open() as f:
+        return [int(float(r["epoch"])) for r in csv.DictReader(f)]
+
+
+def _kill_after_first_save(args: list[str], stage: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, KILL_AFTER_SAVE: "1"}
+    return subprocess.run([sys.executable, "-m", "ncd", stage, *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_runs_resumes_and_evaluates(stage, config, work):
+    st = STAGES[stage]
+    _ensure(config, work, stage)
+    out = work / artifact(stage)
+    args = _args(config, work, stage, out)
+    if st.resumable:
+        r = _kill_after_first_save(args, stage)
+        assert r.returncode == -9, r.stderr[-3000:]
+        assert (out.parent / "last.ckpt").is_file() and not out.exists()
+        assert _history_epochs(out.parent) == [1]
+    log = out.parent / "run.log"
+    assert main([stage, *args, "--log", str(log)]) == 0
+    assert out.is_file()
+    if st.resumable:
+        assert "resuming stage" in log.read_text()
+        assert _history_epochs(out.parent) == [1, 2]  # the resumed run continued the killed one
+        assert not (out.parent / "last.ckpt").exists()
+    if not st.evaluate:
+        return
+    metrics = out.parent / "metrics.json"
+    assert main(["evaluate", *_args(config, work, stage, metrics, evaluate=True), "--ckpt", str(out),
+                 "--stage", stage]) == 0
+    rows = json.loads(metrics.read_text())["rows"]
+    assert rows and any(r["head"] == "best" for r in rows)
+    for r in rows:
+        assert sorted(r) == sorted(METRICS_COLUMNS), r
+        assert (r["method"], r["stage"], r["experiment"], r["dataset"], r["seed"]) == \
+            (st.method, stage, EXPERIMENT[st.method], "digits", 0), r
+        assert r["split"] in SPLITS and r["metric"] in METRICS, r
+        assert r["head"] in ("best", "avg") or r["head"].isdigit(), r
+        assert 0.0 <= r["value"] <= 1.0, r
+
+
+# --- the table itself ----------------------------------------------------------------------------
+
+def test_table_is_consistent():
+    for st in STAGES.values():
+        assert st.method in METHODS
+        assert all(up in STAGES and list(STAGES).index(up) < list(STAGES).index(st.name) for up in st.inputs.values())
+        assert callable(load(st.run)) and (st.evaluate is None or callable(load(st.evaluate)))
+        for block in st.blocks:  # every block a stage reads is documented in the schema
+            assert block in schema()["definitions"]["experiment"]["properties"], (st.name, block)
+    for m in METHODS:
+        assert evaluated_stages(m), m
+    assert schema()["definitions"]["experiment"]["properties"]["method"]["enum"] == list(METHODS)
+    # every stage with its own block has its own schema file
+    assert {f.stem for f in (SCHEMA_DIR / "blocks").glob("*.yaml")} >= {s for s in STAGES if s in SHRINK}
+
+
+def test_stages_import_without_torch():
+    code = "import sys, ncd.stages, ncd.config; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_slices_hold_only_what_a_stage_reads(config):
+    full = stage_config(config, "scan_digits", "selflabel")
+    assert "selflabel" in full and "scan" not in full and "pretrain" not in full and "seeds" not in full
+    assert set(full["upstream"]) == {"scan"}
+    assert "mem_mb" not in full["runtime"] and "time_min" not in full["runtime"]
+    changed = copy.deepcopy(config)
+    changed["experiments"]["scan_digits"]["selflabel"]["epochs"] = 7
+    assert stage_config(changed, "scan_digits", "scan") == stage_config(config, "scan_digits", "scan")
+    assert stage_config(changed, "scan_digits", "selflabel") != full
+    assert stage_config(changed, "scan_digits", "selflabel", evaluate=True)["upstream"] != \
+        stage_config(config, "scan_digits", "selflabel", evaluate=True)["upstream"]
+    changed["experiments"]["scan_digits"]["pretrain"]["temperature"] = 0.3
+    for stage in ("mine", "pretext_kmeans", "scan", "selflabel"):  # upstream change reaches them all
+        assert stage_config(changed, "scan_digits", stage)["upstream"] != \
+            stage_config(config, "scan_digits", stage)["upstream"]
+    assert stage_config(changed, "uno_digits", "discover") == stage_config(config, "uno_digits", "discover")
+
+
+def test_reading_outside_the_slice_is_an_error(config):
+    cfg = check_stage_config("scan_digits", "selflabel", stage_config(config, "scan_digits", "selflabel"))
+    assert cfg["selflabel"]["epochs"] == 2
+    with pytest.raises(NcdError, match="'scan'.*not in its slice"):
+        cfg.get("scan", {})
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_stage_resumes_only_under_its_own_unchanged_slice(config, work, tmp_path):
+    """Killed, then rerun after a change elsewhere in the experiment: resumes. Killed, then rerun
+    after a change to a key of its own slice: starts afresh."""
+    stage = "pretrain_supervised"
+    out = tmp_path / stage / "model.ckpt"
+    _kill = _kill_after_first_save(_args(config, work, stage, out), stage)
+    assert _kill.returncode == -9, _kill.stderr[-3000:]
+    elsewhere = copy.deepcopy(config)
+    elsewhere["experiments"]["uno_digits"]["discover"]["epochs"] = 5  # another stage's key
+    log = tmp_path / "resume.log"
+    assert main([stage, *_args(elsewhere, work, stage, out), "--log", str(log)]) == 0
+    assert "resuming stage" in log.read_text() and _history_epochs(out.parent) == [1, 2]
+
+    out.unlink()
+    _kill = _kill_after_first_save(_args(config, work, stage, out), stage)
+    assert _kill.returncode == -9, _kill.stderr[-3000:]
+    own = copy.deepcopy(config)
+    own["experiments"]["uno_digits"]["pretrain_supervised"]["batch_size"] = 64  # its own key
+    log = tmp_path / "fresh.log"
+    assert main([stage, *_args(own, work, stage, out), "--log", str(log)]) == 0
+    text = log.read_text()
+    assert "written under another configuration" in text and "resuming stage" not in text
+    assert _history_epochs(out.parent) == [1, 2]
