@@ -156,8 +156,7 @@ def test_moco_import_from_local_file(tmp_path):
 def test_moco_import_downloads_a_url_once_into_data_weights(tmp_path, monkeypatch):
     import shutil
 
-    import torchvision.datasets.utils as tvu
-
+    from ncd.methods import simclr
     from ncd.methods.simclr import run_pretrain
 
     src = tmp_path / "served.pth.tar"
@@ -169,7 +168,7 @@ def test_moco_import_downloads_a_url_once_into_data_weights(tmp_path, monkeypatc
         Path(root).mkdir(parents=True, exist_ok=True)
         shutil.copy(src, Path(root) / filename)
 
-    monkeypatch.setattr(tvu, "download_url", fake_download)
+    monkeypatch.setattr(simclr, "download_url", fake_download)
     url = "https://example.org/moco_v2_800ep_pretrain.pth.tar"
     for _ in range(2):
         run_pretrain(_ctx(tmp_path, checkpoint=url), tmp_path / "out" / "model.ckpt")
