@@ -30,7 +30,7 @@ from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
 from ncd.eval.knn import weighted_knn
 from ncd.losses import cld_loss, enqueue, memory_bank_update, moco_logits, npid_loss
-from ncd.methods.common import RunContext, build_optimizer, finish, fit, make_loader
+from ncd.methods.common import RunContext, base_arch, build_optimizer, finish, fit, make_loader
 from ncd.models.cld import CLDModel, build_cld_backbone
 from ncd.ops import npid_memory_init
 
@@ -298,10 +298,8 @@ class CLDModule(L.LightningModule):
 # ----------------------------------------------------------------------------------- building
 def cld_arch(ctx: RunContext, info, dim: int) -> dict[str, Any]:
     sc = ctx.stage_cfg if ctx.stage == "cld" else ctx.cfg["cld"]
-    return {"kind": "cld", "backbone": ctx.cfg["backbone"], "in_channels": info.channels,
-            "backbone_kwargs": dict(ctx.cfg.get("backbone_kwargs", {})), "backbone_dim": dim,
-            "pool_len": int(sc["pool_len"]), "low_dim": int(sc["low_dim"]), "head": sc["head"], "mlp": bool(sc["mlp"]),
-            "jigsaw": sc["instance"] == "infomin", "instance": sc["instance"]}
+    return base_arch(ctx, "cld", info.channels, dim, pool_len=int(sc["pool_len"]), low_dim=int(sc["low_dim"]),
+                     head=sc["head"], mlp=bool(sc["mlp"]), jigsaw=sc["instance"] == "infomin", instance=sc["instance"])
 
 
 def build_model(ctx: RunContext, info) -> tuple[CLDModel, dict[str, Any]]:

@@ -306,6 +306,13 @@ def inference_device(runtime: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
+def base_arch(ctx: RunContext, kind: str, in_channels: int, backbone_dim: int, **extra: Any) -> dict[str, Any]:
+    """The ``arch`` block every checkpoint with one backbone starts from: its kind, the backbone and
+    its kwargs, the input channels and the feature dimension, then the method's own ``extra`` keys."""
+    return {"kind": kind, "backbone": ctx.cfg["backbone"], "in_channels": in_channels,
+            "backbone_kwargs": dict(ctx.cfg.get("backbone_kwargs", {})), "backbone_dim": backbone_dim, **extra}
+
+
 def single_device(ctx: RunContext, why: str) -> None:
     """Refuse ``runtime.devices`` > 1 for a stage that must see every sample in one process."""
     n = int(ctx.runtime.get("devices", 1))

@@ -34,6 +34,7 @@ from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses.sela import label_step_plan, sela_cost, sela_label_step
 from ncd.methods.common import (
     RunContext,
+    base_arch,
     build_optimizer,
     build_scheduler,
     collect,
@@ -241,10 +242,8 @@ class SeLaModule(L.LightningModule):
 # ------------------------------------------------------------------------------------ stage
 def sela_arch(ctx: RunContext, info, dim: int, n: int) -> dict[str, Any]:
     sc = ctx.cfg["sela"]
-    return {"kind": "sela", "backbone": ctx.cfg["backbone"], "in_channels": info.channels,
-            "backbone_kwargs": dict(ctx.cfg.get("backbone_kwargs", {})), "backbone_dim": dim,
-            "num_heads": int(sc["num_heads"]), "num_clusters": int(sc["num_clusters"]) or info.num_classes,
-            "num_samples": n, "head_init": sc["head_init"]}
+    return base_arch(ctx, "sela", info.channels, dim, num_heads=int(sc["num_heads"]),
+                     num_clusters=int(sc["num_clusters"]) or info.num_classes, num_samples=n, head_init=sc["head_init"])
 
 
 def run_sela(ctx: RunContext, out: Path) -> None:

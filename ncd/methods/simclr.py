@@ -19,6 +19,7 @@ from ncd.eval.rows import Row
 from ncd.losses import simclr_loss
 from ncd.methods.common import (
     RunContext,
+    base_arch,
     build_optimizer,
     build_scheduler,
     collect,
@@ -61,9 +62,7 @@ class SimCLRModule(L.LightningModule):
 
 def contrastive_arch(ctx: RunContext, backbone_dim: int, head: str, features_dim: int) -> dict[str, Any]:
     info = get_info(ctx.cfg["dataset"])
-    return {"kind": "contrastive", "backbone": ctx.cfg["backbone"], "in_channels": info.channels,
-            "backbone_kwargs": dict(ctx.cfg.get("backbone_kwargs", {})), "backbone_dim": backbone_dim,
-            "head": head, "features_dim": features_dim}
+    return base_arch(ctx, "contrastive", info.channels, backbone_dim, head=head, features_dim=features_dim)
 
 
 def run_pretrain(ctx: RunContext, out: Path) -> None:

@@ -29,6 +29,7 @@ from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses import uno_loss
 from ncd.methods.common import (
     RunContext,
+    base_arch,
     build_optimizer,
     build_scheduler,
     finish,
@@ -154,9 +155,7 @@ def _transforms(ctx: RunContext, info, cfg: dict[str, Any], small: int) -> list:
 
 
 def uno_arch(ctx: RunContext, info, dim: int, nlc: int, nuc: int, cfg: dict[str, Any] | None) -> dict[str, Any]:
-    arch = {"kind": "uno", "backbone": ctx.cfg["backbone"], "in_channels": info.channels,
-            "backbone_kwargs": dict(ctx.cfg.get("backbone_kwargs", {})), "backbone_dim": dim,
-            "num_labeled": nlc, "num_unlabeled": nuc, "num_heads": 0}
+    arch = base_arch(ctx, "uno", info.channels, dim, num_labeled=nlc, num_unlabeled=nuc, num_heads=0)
     if cfg is not None:
         arch.update(num_heads=int(cfg["num_heads"]), overcluster_factor=int(cfg["overcluster_factor"]),
                     hidden_dim=int(cfg["hidden_dim"]), proj_dim=int(cfg["proj_dim"]))

@@ -123,7 +123,4 @@ def stage_rule_args(st):
         "benchmark": f"{RESULTS}/benchmarks/{st.name}/{{exp}}_seed{{seed}}.tsv",
         "launch": launcher if st.multi_device else "",
         "resources": train_resources(multi_gpu=st.multi_device, gpu=st.gpu),
-        "shell": f"{{params.launch}}python -m ncd {st.cli} --experiment {{wildcards.exp}} --seed {{wildcards.seed}} "
-        "--config {params.cfg} --data-root {params.root} {params.inputs} --out {output.artifact} --log {log} "
-        f"--threads {{threads}}{RECORD}",
     }

@@ -69,3 +69,12 @@ def input_flags(stage):
 
 
 RECORD = " && printf '%s\\n' {params.config_hash} > {output.record}"
+
+
+# The command of every stage rule (params.stage: the stage = the sub-command). One constant: Snakemake
+# evaluates a rule's shell directive when the job runs, after the loop over the stages has ended.
+STAGE_SHELL = (
+    "{params.launch}python -m ncd {params.stage} --experiment {wildcards.exp} --seed {wildcards.seed} "
+    "--config {params.cfg} --data-root {params.root} {params.inputs} --out {output.artifact} --log {log} "
+    f"--threads {{threads}}{RECORD}"
+)

@@ -14,6 +14,7 @@ for _st in STAGES.values():
             artifact=_a["output"],
             record=_a["record"],
         params:
+            stage=_st.name,
             cfg=slice_json(_st.name),
             config_hash=slice_hash(_st.name),
             launch=_a["launch"],
@@ -28,7 +29,7 @@ for _st in STAGES.values():
             **_a["resources"],
         container: CONTAINER
         shell:
-            _a["shell"]
+            STAGE_SHELL
 
 
 rule twostage_ablation:
