@@ -71,7 +71,7 @@ def input_flags(stage):
 RECORD = " && printf '%s\\n' {params.config_hash} > {output.record}"
 
 
-# The command of every stage rule (params.stage: the stage = the sub-command). One constant: Snakemake
+# The command of every stage's rule; params.stage is the stage, i.e. the sub-command. One constant: Snakemake
 # evaluates a rule's shell directive when the job runs, after the loop over the stages has ended.
 STAGE_SHELL = (
     "{params.launch}python -m ncd {params.stage} --experiment {wildcards.exp} --seed {wildcards.seed} "
