@@ -91,6 +91,9 @@ def test_pull_on_a_fresh_clone_trains_nothing_and_renders_the_report(producer):
     (b / "config.yaml").write_text(yaml.safe_dump(cfg))
     changed = job_counts((r := snakemake("-n", cwd=b)).stdout + r.stderr)
     assert changed.get("selflabel") == 1 and changed.get("prepare_dataset") == 1, changed
+    # and only that step (its slice changed) and its evaluation, on a clone without Snakemake's metadata
+    assert changed.get("evaluate") == 1, changed
+    assert not [rule for rule in ("pretrain", "mine", "pretext_kmeans", "scan") if rule in changed], changed
 
 
 @pytest.mark.timeout(300)
