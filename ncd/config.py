@@ -93,9 +93,8 @@ def check_split_name(name: str, exp: dict[str, Any]) -> None:
     split_name = exp.get("split_name")
     if not split_name:
         return
-    from ncd.data.uno import (
-        UNO_SPLITS,  # lazily: ncd.data imports torch, the Snakefile imports this module
-    )
+    # lazily: ncd.data imports torch, and the Snakefile imports this module for every parse
+    from ncd.data.uno import UNO_SPLITS
 
     if split_name not in UNO_SPLITS:
         raise NcdError(f"unknown split_name {split_name!r} in experiment '{name}'; expected one of: "
@@ -111,9 +110,8 @@ def check_class_split(name: str, exp: dict[str, Any]) -> None:
     split = exp.get("split")
     if not split:
         return
-    from ncd.data import (
-        get_info,  # lazily: ncd.data imports torch, the Snakefile imports this module
-    )
+    # lazily: ncd.data imports torch, and the Snakefile imports this module for every parse
+    from ncd.data import get_info
 
     if exp["dataset"] == "imagefolder":
         folder = exp.get("data_path")
