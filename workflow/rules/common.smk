@@ -104,14 +104,15 @@ def seeds_of(exp):
     return exp_cfg(exp)["seeds"]
 
 
-def metrics_targets():
-    """Every metrics.json the selected experiments produce."""
-    return [
-        f"{RESULTS}/{exp}/seed{seed}/{stage}/metrics.json"
+def metrics_targets(with_keys=False):
+    """Every metrics.json the selected experiments produce (with ``with_keys``: ``(path, exp, seed, stage)``)."""
+    targets = [
+        (f"{RESULTS}/{exp}/seed{seed}/{stage}/metrics.json", exp, seed, stage)
         for exp, cfg in EXPERIMENTS.items()
         for seed in seeds_of(exp)
         for stage in evaluated_stages(cfg["method"])
     ]
+    return targets if with_keys else [t[0] for t in targets]
 
 
 def stage_rule_args(st):

@@ -29,7 +29,8 @@ rule evaluate:
 rule aggregate:
     """All runs' metrics.json -> the one metrics table the report reads."""
     input:
-        metrics=[ancient(m) for m in metrics_targets()],
+        metrics=lambda wildcards: [handed_off(m, up_to_date(exp, seed, stage, evaluate=True))
+                                   for m, exp, seed, stage in metrics_targets(with_keys=True)],
     output:
         table=f"{RESULTS}/metrics.csv",
     log:

@@ -3,12 +3,16 @@
 
 # --- Hand-off of pulled artifacts (DVC) -------------------------------------------------------
 # `dvc pull` restores results/ without modification times that mean anything, and without
-# Snakemake's metadata. So (1) every input that is another rule's artifact is ancient(): an
-# artifact's age never triggers a rerun; (2) each job writes the hash of the config it ran with
-# next to its output (a "record", versioned with it), and takes as input a stamp file whose
-# modification time is set here, at parse time: long ago when the record equals the current config,
-# now when it does not. A changed parameter thus reruns the job on any clone, a pulled result that
-# matches is up to date, and no job depends on a download it does not need.
+# Snakemake's metadata. So (1) each job writes the hash of its config slice next to its output (a
+# "record", versioned with it), and takes as input a stamp file whose modification time is set
+# here, at parse time: long ago when the record equals the current slice, now when it does not;
+# (2) an input that is another job's artifact is ancient() while that job is up to date by its
+# record: a pulled artifact's age never triggers a rerun. An upstream job that will rerun (its
+# record differs, or its artifact is missing) is a plain input instead, so that Snakemake's
+# needrun pass, which skips the own reasons of every job downstream of a rerun, still reaches
+# them through the edge, in the same invocation. A changed key thus reruns exactly the jobs whose
+# slices it changes, on any clone; a pulled result that matches is up to date; and no job depends
+# on a download it does not need.
 STAMPS = f"{RESULTS}/.stamps"
 
 
@@ -25,9 +29,22 @@ def _read_stripped(path):
         return f.read().strip()
 
 
+def up_to_date(exp, seed, stage, evaluate=False):
+    """Whether the job of ``stage`` (or its evaluation) has its artifact and a record of its current slice."""
+    out_dir = f"{RESULTS}/{exp}/seed{seed}/{stage}"
+    artifact = f"{out_dir}/metrics.json" if evaluate else f"{out_dir}/{STAGES[stage].output}"
+    recorded = _read_stripped(record_of("evaluate" if evaluate else stage, out_dir))
+    return os.path.exists(artifact) and recorded == config_hash(json.loads(_slice_json(exp, stage, evaluate)))
+
+
+def handed_off(path, current):
+    """An artifact input: ancient while its producer is up to date (see above), plain otherwise."""
+    return ancient(path) if current else path
+
+
 def stage_inputs(rule, stage=None, evaluate=False):
     """Input function for ``input: unpack(stage_inputs(...))``: the upstream artifacts a stage reads
-    under its experiment's config (ancient), the config stamp, and the dataset's READY marker when
+    under its experiment's config (see :func:`handed_off`), the config stamp, and the dataset's READY marker when
     the job may have to run. ``evaluate``: the evaluation of the stage's own artifact."""
 
     def inputs(wildcards):
@@ -55,7 +72,7 @@ def stage_inputs(rule, stage=None, evaluate=False):
         run = f"{RESULTS}/{wildcards.exp}/seed{wildcards.seed}"
         ups = {"model": st.name} if evaluate else st.inputs_for(exp_cfg(wildcards.exp))
         for name, up in ups.items():
-            res[name] = ancient(f"{run}/{up}/{STAGES[up].output}")
+            res[name] = handed_off(f"{run}/{up}/{STAGES[up].output}", up_to_date(wildcards.exp, wildcards.seed, up))
         return res
 
     return inputs
