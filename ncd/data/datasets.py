@@ -104,6 +104,7 @@ DIGITS_TEST_SIZE = 0.3
 
 def load_digits_split(split: str, transform: Callable | None = None) -> ArrayDataset:
     """scikit-learn's 8×8 digits, 0..16 scaled to uint8, fixed stratified 70/30 split."""
+    # lazily: sklearn.datasets is a slow import that only the digits dataset needs
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
