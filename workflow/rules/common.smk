@@ -59,9 +59,14 @@ def slice_json(stage=None, evaluate=False):
     return lambda wildcards: shlex.quote(_slice_json(wildcards.exp, _stage_of(stage, wildcards), evaluate))
 
 
+@lru_cache(maxsize=None)
+def _slice_hash(exp, stage, evaluate):
+    return config_hash(json.loads(_slice_json(exp, stage, evaluate)))
+
+
 def slice_hash(stage=None, evaluate=False):
     """params: the hash a job records next to its output (the same as its last.ckpt sidecar's)."""
-    return lambda wildcards: config_hash(json.loads(_slice_json(wildcards.exp, _stage_of(stage, wildcards), evaluate)))
+    return lambda wildcards: _slice_hash(wildcards.exp, _stage_of(stage, wildcards), evaluate)
 
 
 def data_key(dataset):

@@ -34,7 +34,7 @@ def up_to_date(exp, seed, stage, evaluate=False):
     out_dir = f"{RESULTS}/{exp}/seed{seed}/{stage}"
     artifact = f"{out_dir}/metrics.json" if evaluate else f"{out_dir}/{STAGES[stage].output}"
     recorded = _read_stripped(record_of("evaluate" if evaluate else stage, out_dir))
-    return os.path.exists(artifact) and recorded == config_hash(json.loads(_slice_json(exp, stage, evaluate)))
+    return os.path.exists(artifact) and recorded == _slice_hash(exp, stage, evaluate)
 
 
 def handed_off(path, current):
@@ -49,7 +49,7 @@ def stage_inputs(rule, stage=None, evaluate=False):
 
     def inputs(wildcards):
         st = STAGES[_stage_of(stage, wildcards)]
-        h = slice_hash(st.name, evaluate)(wildcards)
+        h = _slice_hash(wildcards.exp, st.name, evaluate)
         out_dir = f"{RESULTS}/{wildcards.exp}/seed{wildcards.seed}/{st.name}"
         recorded = _read_stripped(record_of(rule, out_dir))
         suffix = f"_{st.name}" if evaluate else ""
