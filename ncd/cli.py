@@ -1,5 +1,6 @@
-"""``python -m ncd <stage>``: one function per pipeline stage. Snakemake rules call these; they
-hold no workflow logic, and the workflow holds no training logic."""
+"""``python -m ncd <stage>``: one sub-command per entry of the stage table (:mod:`ncd.stages`), plus
+prepare, evaluate, aggregate, report and check-config. Snakemake rules call these; they hold no
+workflow logic, and the workflow holds no training logic."""
 
 from __future__ import annotations
 
