@@ -20,7 +20,15 @@ from ncd.data.wrappers import Transformed
 from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.knn import weighted_knn
 from ncd.eval.rows import Row, confusion_of
-from ncd.methods.common import RunContext, collect, eval_splits, make_loader, restore
+from ncd.methods.common import (
+    RunContext,
+    collect,
+    eval_loader,
+    eval_splits,
+    make_loader,
+    restore,
+    split_names,
+)
 from ncd.models.cld import CLDModel
 
 log = logging.getLogger("ncd")
@@ -80,13 +88,12 @@ def evaluate_cld(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
     info = get_info(ctx.cfg["dataset"], ctx.data_root)
     splits, bs = eval_splits(ctx), int(ctx.cfg["evaluate"]["batch_size"])
     sc, ev = ctx.cfg["cld"], ctx.cfg["evaluate"]
-    dataset = ctx.cfg["dataset"]
     test_t = build_cld_transform("test", info)
-    names = {"train": info.train_split, "test": info.test_split}
+    names = split_names(info)
 
     def features(split: str) -> tuple[Tensor, Tensor]:
-        ds = Transformed(build_dataset(dataset, ctx.data_root, names[split]), test_t)
-        return collect(lambda x: model(x, two_branch=False), make_loader(ds, bs, ctx, train=False), device, f"embed {split}")
+        return collect(lambda x: model(x, two_branch=False), eval_loader(ctx, info, names[split], test_t, bs), device,
+                       f"embed {split}")
 
     rows: list[tuple[str, str, str, float]] = []
     confusion: dict[str, Any] = {}

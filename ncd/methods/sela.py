@@ -38,6 +38,7 @@ from ncd.methods.common import (
     build_optimizer,
     build_scheduler,
     collect,
+    eval_loader,
     eval_splits,
     finish,
     fit,
@@ -309,13 +310,11 @@ def evaluate_sela(ctx: RunContext, blob: dict, device: torch.device) -> tuple[li
 
     def outputs(split: str, heads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Penultimate features (and, with ``heads``, every head's predicted cluster) of a split."""
-        ds = Transformed(build_dataset(dataset, ctx.data_root, split), tf)
-
         def fn(x: torch.Tensor) -> torch.Tensor:
             f, logits = model.features_and_logits(x)
             return torch.cat([f, logits.argmax(2).t().to(f.dtype)], 1) if heads else f
 
-        out, y = collect(fn, make_loader(ds, batch_size, ctx, train=False), device, f"predict {split}")
+        out, y = collect(fn, eval_loader(ctx, info, split, tf, batch_size), device, f"predict {split}")
         feats = out[:, :model.backbone_dim]
         preds = out[:, model.backbone_dim:].round().long().t() if heads else None  # [H, N]
         return feats, preds, y

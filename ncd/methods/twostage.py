@@ -21,7 +21,7 @@ import torch
 
 from ncd.checkpoint import load_model, load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
-from ncd.data.wrappers import MultiView, Transformed
+from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
 from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.rows import Row, confusion_of, head_rows
@@ -30,6 +30,7 @@ from ncd.methods.common import (
     RunContext,
     build_optimizer,
     collect,
+    eval_loader,
     eval_splits,
     finish,
     fit,
@@ -174,13 +175,12 @@ def evaluate_twostage(ctx: RunContext, blob: dict, device: torch.device) -> tupl
     ``best`` = the head with the lowest training loss, ``avg`` = mean over heads.
     """
     model, arch = restore(blob, device), blob["arch"]
-    batch_size = int(ctx.cfg["evaluate"]["batch_size"])
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
     t = eval_transform(ctx, info)
 
     def loader(split: str):
-        return make_loader(Transformed(build_dataset(dataset, ctx.data_root, split), t), batch_size, ctx, train=False)
+        return eval_loader(ctx, info, split, t)
 
     if arch["kind"] == "superand":
         sc = ctx.cfg.get("superand", {})
