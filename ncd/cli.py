@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,8 +29,19 @@ from ncd.utils import config_hash, git_commit, seed_everything
 log = logging.getLogger("ncd")
 
 
+def _process_rank() -> int:
+    """This process's rank in a multi-device run, from the variables Lightning's launcher or SLURM's
+    srun set (the keys Lightning reads, in its order); 0 for a single process."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def _setup_logging(log_file: str | None) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    rank = _process_rank()
+    where = f"[rank {rank}] " if rank else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s %(name)s: {where}%(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
@@ -39,7 +51,8 @@ def _setup_logging(log_file: str | None) -> None:
     root.addHandler(console)
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, mode="w")
+        # the other ranks of a DDP run log beside the rule's log: opening it too would truncate it
+        fh = logging.FileHandler(log_file if rank == 0 else f"{log_file}.rank{rank}", mode="w")
         fh.setFormatter(fmt)
         root.addHandler(fh)
 

@@ -11,12 +11,15 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -26,6 +29,8 @@ from ncd.data import build_dataset, build_transform
 from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError, Preempted
 from ncd.models import model_from_arch
+from ncd.ops.checks import skip_value_checks
+from ncd.stages import STAGES
 from ncd.utils import atomic_path, config_hash, write_text_atomic
 
 log = logging.getLogger("ncd")
@@ -119,6 +124,36 @@ def build_scheduler(opt: torch.optim.Optimizer, sched_cfg: dict[str, Any], epoch
 KILL_AFTER_SAVE = "NCD_TEST_KILL_AFTER_SAVE"
 
 
+# Test hook (tests/methods/test_ddp.py): with this variable set to k, rank 0 raises SIGUSR1 on itself
+# after its k-th training batch, as SLURM's time-limit signal reaching one rank first would.
+SIGNAL_AT_STEP = "NCD_TEST_SIGNAL_AT_STEP"
+
+#: Factories of extra callbacks every :func:`fit` adds (after its own): the GPU check
+#: (``benchmarks/gpu_check.py``) times steps and stops runs through it. Empty in the pipeline.
+EXTRA_CALLBACKS: list[Callable[[], L.Callback]] = []
+
+
+def is_rank_zero() -> bool:
+    """True in the process that writes files: rank 0 of a DDP run, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def complete(ctx: RunContext, save: Callable[[], Any]) -> None:
+    """End of a training stage: rank 0 writes the artifact (``save()``) and then removes the resume
+    checkpoint; every rank waits for it, so no rank exits (and no srun task ends) before the
+    artifact exists. Anything ``save`` needs from other ranks must be reduced before this call."""
+    if is_rank_zero():
+        save()
+        finish(ctx)
+    barrier()
+
+
 class AtomicLastCheckpoint(L.Callback):
     """Writes ``last.ckpt`` at the end of every epoch through a temp file and a rename, so a
     killed job resumes from the last complete epoch and never from a torn file."""
@@ -163,6 +198,17 @@ class SaveOnSignal(L.Callback):
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
+    def _stop_now(self, trainer: L.Trainer, batch_idx: int) -> bool:
+        if trainer.world_size == 1:
+            return self.received is not None
+        # under DDP the ranks may see the signal at different batches and must stop together; agreeing
+        # is a collective with a host sync, so it runs every `runtime.signal_sync_every` batches only
+        every = int(getattr(trainer.lightning_module, "signal_sync_every", 16))
+        last = batch_idx + 1 >= trainer.num_training_batches
+        if (batch_idx + 1) % max(1, every) and not last:
+            return False
+        return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in self.SIGNALS:
@@ -170,9 +216,10 @@ class SaveOnSignal(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # under DDP the ranks may see the signal at different batches: stop together
-        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if not stop:
+        at = os.environ.get(SIGNAL_AT_STEP)
+        if at and trainer.is_global_zero and self.received is None and trainer.global_step >= int(at):
+            signal.raise_signal(signal.SIGUSR1)  # test hook: the time-limit signal reaches rank 0 only
+        if not self._stop_now(trainer, batch_idx):
             return
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         self.last.save(trainer)
@@ -207,10 +254,12 @@ class History(L.Callback):
         opt = trainer.optimizers[0] if trainer.optimizers else None
         if opt is not None:
             row["lr"] = opt.param_groups[0]["lr"]
+        row = _mean_over_ranks(row)
         self.rows.append(row)
         log.info("epoch %d/%d %s", row["epoch"], trainer.max_epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-        self.write()
+        if trainer.is_global_zero:
+            self.write()
 
     def write(self) -> None:
         keys: list[str] = []
@@ -229,33 +278,77 @@ class History(L.Callback):
         self.rows = list(state_dict.get("rows", []))
 
 
+def _mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks that logged it (one object all-gather per epoch under DDP; a
+    key only some ranks logged, e.g. a skipped-batch count, must not desynchronise anything)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return row
+    rows: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    return {k: (row[k] if k == "epoch" else
+                sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r)) for k in keys}
+
+
+def _sync_batchnorm(runtime: dict[str, Any]) -> bool:
+    """``runtime.sync_batchnorm``, on GPUs only: PyTorch's SyncBatchNorm has no CPU kernel, so DDP on
+    the CPU (the multi-device tests) keeps BatchNorm per process."""
+    acc = str(runtime.get("accelerator", "auto"))
+    on_gpu = acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+    if bool(runtime.get("sync_batchnorm", True)) and not on_gpu:
+        log.warning("runtime.sync_batchnorm is on but the run is on the CPU, where SyncBatchNorm does not "
+                    "exist: BatchNorm stays per process")
+        return False
+    return bool(runtime.get("sync_batchnorm", True))
+
+
+def configure_backends(runtime: dict[str, Any]) -> None:
+    """TF32 for float32 matrix products and convolutions on Ampere and later GPUs (``runtime.tf32``,
+    default on, as PyTorch 1.7–1.11 did when the official code ran); no effect on the CPU."""
+    tf32 = bool(runtime.get("tf32", True))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, epochs: int,
         val_loader: DataLoader | None = None) -> L.Trainer:
     """Train ``module`` for ``epochs`` epochs (validating after each one when ``val_loader`` is
     given), resuming from ``out_dir/last.ckpt`` if it was written under the same config."""
     rt = ctx.runtime
+    configure_backends(rt)
+    devices = int(rt.get("devices", 1))
+    stage = STAGES.get(ctx.stage)
+    if devices > 1 and stage is not None and not stage.multi_device:
+        raise NcdError(f"stage '{ctx.stage}' trains on one device only (ncd/stages.py: multi_device is off); "
+                       f"got runtime.devices={devices}, expected 1")
+    module.signal_sync_every = int(rt.get("signal_sync_every", 16))
     cfg_hash = config_hash(ctx.cfg)
     last = ctx.out_dir / "last.ckpt"
-    if last.is_file():
+    resume = last.is_file()
+    if resume:
         side = _sidecar(last)
         if not side.is_file() or side.read_text().strip() != cfg_hash:
+            # not deleted: under DDP every rank reads it here, and the first epoch's save replaces it
             log.warning("ignoring %s: it was written under another configuration", last)
-            last.unlink()
+            resume = False
     history = History(ctx.out_dir / "history.csv")
     last_ckpt = AtomicLastCheckpoint(last, cfg_hash)
     trainer = L.Trainer(
         accelerator=rt.get("accelerator", "auto"),
-        devices=rt.get("devices", 1),
-        # several devices: DDP with synchronised BatchNorm, as UNO's multi-GPU runs
-        **({"strategy": "ddp", "sync_batchnorm": True} if int(rt.get("devices", 1)) > 1 else {}),
+        devices=devices,
+        # several devices: DDP, with synchronised BatchNorm unless runtime.sync_batchnorm is off (UNO's
+        # multi-GPU runs synchronise it; MoCo-style runs keep it per GPU and shuffle the key batch)
+        **({"strategy": "ddp", "sync_batchnorm": _sync_batchnorm(rt)} if devices > 1 else {}),
         precision=rt.get("precision", "32-true"),
         max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         # history first: its rows go into the checkpoint
-        callbacks=[history, last_ckpt, SaveOnSignal(last_ckpt)],
-        plugins=cluster_plugins(int(rt.get("devices", 1))),
+        callbacks=[history, last_ckpt, SaveOnSignal(last_ckpt)] + [make() for make in EXTRA_CALLBACKS],
+        plugins=cluster_plugins(devices),
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_loader is not None else 0,
@@ -263,11 +356,15 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
         benchmark=bool(rt.get("cudnn_benchmark", False)),
     )
     ckpt = None
-    if last.is_file():
+    if resume:
         log.info("resuming stage %s from %s", ctx.stage, last)
         ckpt = str(last)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt,
-                weights_only=False)
+    # History averages the epoch metrics over the ranks itself (one gather per epoch), so Lightning's
+    # advice to sync every logged value (a collective per metric) does not apply
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
+    with skip_value_checks():  # no host syncs for range checks inside the training loop (AUDIT B6)
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt,
+                    weights_only=False)
     return trainer
 
 
@@ -289,7 +386,8 @@ def cluster_plugins(devices: int) -> list:
 
 
 def finish(ctx: RunContext) -> None:
-    """Remove the resume checkpoint once model.ckpt is written: it has served its purpose."""
+    """Remove the resume checkpoint once model.ckpt is written: it has served its purpose (one
+    process only: under DDP call :func:`complete`, which runs this on rank 0)."""
     last = ctx.out_dir / "last.ckpt"
     for p in (last, _sidecar(last)):
         if p.exists():
@@ -298,6 +396,7 @@ def finish(ctx: RunContext) -> None:
 
 def inference_device(runtime: dict[str, Any]) -> torch.device:
     """The device eval passes run on: the GPU when the config allows it and one is present."""
+    configure_backends(runtime)
     acc = str(runtime.get("accelerator", "auto"))
     if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():

@@ -3,7 +3,8 @@ and keyword options. Every failure is an :class:`NcdError` that names the value.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,7 +12,27 @@ from torch import Tensor
 
 from ncd.errors import NcdError
 
-__all__ = ["check_tensor", "check_tensor_pair", "check_index", "check_positive", "check_options"]
+__all__ = ["check_tensor", "check_tensor_pair", "check_index", "check_positive", "check_options",
+           "value_checks", "skip_value_checks"]
+
+_VALUE_CHECKS = [True]
+
+
+def value_checks() -> bool:
+    """Whether checks that read tensor *values* (ranges, signs) run. They copy a result to the host,
+    which stalls a GPU's queue; training loops turn them off (:func:`skip_value_checks`) since
+    their inputs come from this package, not from a caller. Shape and dtype checks always run."""
+    return _VALUE_CHECKS[-1]
+
+
+@contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Within this block :func:`value_checks` is False (a training run's hot loop)."""
+    _VALUE_CHECKS.append(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.pop()
 
 
 def check_tensor(x: Tensor, name: str, ndim: int) -> None:
@@ -41,7 +62,7 @@ def check_index(index: Any, length: int, size: int, name: str = "index", device:
     if index.dim() != 1 or index.shape[0] != length or index.dtype not in (torch.int64, torch.int32):
         raise NcdError(f"{name} must be an integer vector of length {length}, got shape {tuple(index.shape)} "
                        f"{index.dtype}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+    if index.numel() and value_checks() and (int(index.min()) < 0 or int(index.max()) >= size):
         raise NcdError(f"{name} must lie in 0..{size - 1}, got [{int(index.min())}, {int(index.max())}]")
     return index.long()
 
