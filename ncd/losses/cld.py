@@ -2,7 +2,8 @@
 CVPR 2021; METHODS.md 5): the group branch (batch k-means, cross-level loss) and the two instance
 branches it is added to (NPID's memory bank, MoCo's queue).
 
-All functions are pure: tensors in, tensors out; memories and queues are returned, never modified.
+All functions are pure: tensors in, tensors out; memories and queues are returned, never modified
+(except with ``enqueue(..., inplace=True)``, for a training loop's buffer).
 """
 
 from __future__ import annotations
@@ -137,13 +138,14 @@ def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07) 
     return torch.cat([pos, neg], dim=1) / tau
 
 
-def enqueue(queue: Tensor, keys: Tensor, ptr: int) -> tuple[Tensor, int]:
+def enqueue(queue: Tensor, keys: Tensor, ptr: int, *, inplace: bool = False) -> tuple[Tensor, int]:
     r"""Write ``keys`` into the ring buffer ``queue`` at ``ptr``: rows
     :math:`(\mathrm{ptr} + j) \bmod Q` get key :math:`j`; returns ``(queue, (ptr + B) mod Q)``.
 
     MoCo's dequeue-and-enqueue (CLD's ``MemoryMoCo``), wrapping around the end of the queue.
-    ``queue`` ``[Q, d]`` is not modified (a new tensor is returned); ``keys`` ``[B, d]`` with
-    ``B <= Q`` are detached; ``ptr`` in ``0..Q-1`` (an int or a one-element tensor).
+    ``queue`` ``[Q, d]`` is not modified (a new tensor is returned; ``inplace=True``: the keys are
+    written into ``queue``, which is returned); ``keys`` ``[B, d]`` with ``B <= Q`` are detached;
+    ``ptr`` in ``0..Q-1`` (an int, or a one-element tensor, which costs a copy to the host).
     """
     check_tensor(queue, "queue", 2)
     check_tensor(keys, "keys", 2)
@@ -156,5 +158,6 @@ def enqueue(queue: Tensor, keys: Tensor, ptr: int) -> tuple[Tensor, int]:
     if not 0 <= ptr < size:
         raise NcdError(f"ptr must lie in 0..{size - 1}, got {ptr}")
     rows = (torch.arange(keys.shape[0], device=queue.device) + ptr) % size
-    out = queue.index_copy(0, rows, keys.detach().to(device=queue.device, dtype=queue.dtype))
+    keys = keys.detach().to(device=queue.device, dtype=queue.dtype)
+    out = queue.index_copy_(0, rows, keys) if inplace else queue.index_copy(0, rows, keys)
     return out, (ptr + keys.shape[0]) % size

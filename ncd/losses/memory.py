@@ -23,7 +23,8 @@ def check_memory_batch(features: Tensor, index: Tensor, memory: Tensor, device: 
 
 
 @torch.no_grad()
-def memory_bank_update(memory: Tensor, features: Tensor, index: Tensor, momentum: float = 0.5) -> Tensor:
+def memory_bank_update(memory: Tensor, features: Tensor, index: Tensor, momentum: float = 0.5, *,
+                       inplace: bool = False) -> Tensor:
     r"""Momentum update of the rows ``index`` of an NPID memory bank; returns the new memory.
 
     .. math:: M[i] \leftarrow \frac{m\,M[i] + (1-m)\,x}{\lVert m\,M[i] + (1-m)\,x \rVert_2}
@@ -34,8 +35,9 @@ def memory_bank_update(memory: Tensor, features: Tensor, index: Tensor, momentum
     Every row is computed from the memory *before* this call. When ``index`` holds a row more than
     once (two views of one image in one call), the last occurrence wins, which is what the official
     ``index_copy_`` does on the CPU (on the GPU it is unspecified there; here it is always the last).
-    ``memory`` ``[N, d]`` is not modified: a new tensor is returned; ``features`` ``[B, d]`` are
-    detached; ``index`` ``[B]`` int64.
+    ``memory`` ``[N, d]`` is not modified: a new tensor is returned (``inplace=True``: the rows are
+    written into ``memory``, which is returned; a training loop's buffer must stay the same tensor);
+    ``features`` ``[B, d]`` are detached; ``index`` ``[B]`` int64.
     """
     index = check_memory_batch(features, index, memory, memory.device)
     x = features.detach().to(memory.dtype)
@@ -45,7 +47,8 @@ def memory_bank_update(memory: Tensor, features: Tensor, index: Tensor, momentum
     pos = torch.arange(b, device=index.device)
     last = torch.full((memory.shape[0],), -1, dtype=torch.long, device=index.device).scatter_reduce(
         0, index, pos, reduce="amax")
-    keep = last[index] == pos
-    out = memory.clone()
-    out[index[keep]] = new_rows[keep]
+    # every occurrence of a row writes the last occurrence's value, so the scatter order cannot
+    # matter, and no boolean mask (whose nonzero() would stop the GPU queue) is needed
+    out = memory if inplace else memory.clone()
+    out.index_copy_(0, index, new_rows[last[index]])
     return out

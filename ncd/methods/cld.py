@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
 from ncd.eval.knn import weighted_knn
 from ncd.losses import cld_loss, enqueue, memory_bank_update, moco_logits, npid_loss
-from ncd.methods.common import RunContext, base_arch, build_optimizer, finish, fit, make_loader
+from ncd.methods.common import RunContext, base_arch, build_optimizer, complete, fit, make_loader
 from ncd.models.cld import CLDModel, build_cld_backbone
 from ncd.ops import npid_memory_init
 
@@ -43,6 +44,9 @@ INSTANCES = ("npid", "moco", "mocov2", "infomin")
 QUERY_VIEWS: dict[str, tuple[int, int]] = {"npid": (0, 1), "moco": (0, 1), "mocov2": (0, 2), "infomin": (0, 1)}
 KEY_VIEW: dict[str, int | None] = {"npid": None, "moco": 2, "mocov2": 1, "infomin": 2}
 SCHEDULES = ("warmup_cosine_iter", "cosine_epoch", "infomin_cosine", "constant")
+# Test hook (tests/methods/test_ddp.py): with this variable set to k, the last rank's loss becomes NaN
+# at batch k of the first epoch, so that only one rank sees a non-finite loss.
+NAN_AT_STEP = "NCD_TEST_NAN_AT_STEP"
 
 
 def num_views(instance: str) -> int:
@@ -141,6 +145,8 @@ class CLDModule(L.LightningModule):
             self.register_buffer("queue", queue)
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("nan_steps", torch.zeros((), dtype=torch.long))
+        self._ptr: int | None = None          # the queue pointer on the host (mirrors queue_ptr)
+        self._shuffle_keys = False
         self.num_classes, self.num_knn_train, self.knn_k = num_classes, num_knn_train, knn_k
         self.knn_history: list[tuple[int, float]] = []
         self._knn_batches: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -153,14 +159,19 @@ class CLDModule(L.LightningModule):
         """Concatenate ``x`` over all devices (rank order); ``x`` itself on one device."""
         return x if self._world() == 1 else self.all_gather(x).flatten(0, 1)
 
+    def on_fit_start(self) -> None:
+        # shuffle-BN only where BatchNorm is per GPU: with one device, or with synchronised BN, the key
+        # encoder's BN sees the whole batch anyway and the shuffle would move images for nothing
+        self._shuffle_keys = self.model_ema is not None and self._world() > 1 and not any(
+            isinstance(m, torch.nn.SyncBatchNorm) for m in self.model_ema.modules())
+
     @torch.no_grad()
     def _keys(self, xk: Tensor) -> tuple[Tensor, Tensor]:
         """Keys of this device's batch and of all devices' batches (in rank order)."""
         assert self.model_ema is not None
-        if self._world() == 1:
-            # one device: BN sees the whole batch, so shuffling would change nothing
+        if not self._shuffle_keys:
             k = self.model_ema(xk, two_branch=False).float()
-            return k, k
+            return k, self._gather(k)
         x_all = self._gather(xk)
         n, b, r = x_all.shape[0], xk.shape[0], self.global_rank
         if self.instance == "moco":
@@ -175,8 +186,12 @@ class CLDModule(L.LightningModule):
         return k_all[r * b:(r + 1) * b], k_all
 
     def _enqueue(self, keys: Tensor) -> None:
-        self.queue, ptr = enqueue(self.queue, keys, self.queue_ptr)
-        self.queue_ptr.fill_(ptr)
+        # in place: DDP broadcasts the buffers it registered at wrap time, so a replaced tensor would
+        # leave it sending a stale copy every forward (AUDIT B5); the pointer lives on the host
+        if self._ptr is None:
+            self._ptr = int(self.queue_ptr)
+        _, self._ptr = enqueue(self.queue, keys, self._ptr, inplace=True)
+        self.queue_ptr.fill_(self._ptr)
 
     @torch.no_grad()
     def _ema_update(self) -> None:
@@ -215,13 +230,17 @@ class CLDModule(L.LightningModule):
                 beta = float(c["jigsaw_beta"])
                 per_view = []
                 for f in (fa, fb):
-                    per_view.append((1 - beta) * F.cross_entropy(moco_logits(f, k, self.queue, temperature), zeros)
-                                    + beta * F.cross_entropy(moco_logits(jig, k, self.queue, temperature), zeros))
+                    # a snapshot, as the official memories' `queue.clone()`: the backward needs the queue
+                    # as it was, and the enqueue below writes into the buffer in place
+                    queue = self.queue.clone()
+                    per_view.append((1 - beta) * F.cross_entropy(moco_logits(f, k, queue, temperature), zeros)
+                                    + beta * F.cross_entropy(moco_logits(jig, k, queue, temperature), zeros))
                     self._enqueue(k_all)  # InfoMin's cache takes the keys on every call
                 inst = 0.5 * (per_view[0] + per_view[1])
             else:
-                inst = 0.5 * (F.cross_entropy(moco_logits(fa, k, self.queue, temperature), zeros)
-                              + F.cross_entropy(moco_logits(fb, k, self.queue, temperature), zeros))
+                queue = self.queue.clone()  # the backward needs it as it was; the enqueue writes in place
+                inst = 0.5 * (F.cross_entropy(moco_logits(fa, k, queue, temperature), zeros)
+                              + F.cross_entropy(moco_logits(fb, k, queue, temperature), zeros))
                 self._enqueue(k_all)  # in the forward pass, as the official: also on a skipped step
         loss = inst
         lam = float(c["lambda"])
@@ -232,7 +251,15 @@ class CLDModule(L.LightningModule):
             loss = inst + lam * out["loss"]
             self.log("train/loss_cld", out["loss"].detach(), on_step=False, on_epoch=True, batch_size=b)
             self.log("train/group_acc", out["group_acc"], on_step=False, on_epoch=True, batch_size=b)
-        if not torch.isfinite(loss.detach()):
+        at = os.environ.get(NAN_AT_STEP)
+        if at and self.current_epoch == 0 and batch_idx == int(at) and self.global_rank == self._world() - 1:
+            loss = loss * float("nan")  # test hook: a non-finite loss on the last rank only
+        # a host sync the official loops have too (they test the loss for NaN before the backward)
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._world() > 1:
+            # every rank must take the same branch: the backward all-reduces gradients (AUDIT B3)
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             self.nan_steps += 1
             log.warning("epoch %d batch %d: the loss is %s; step skipped (%d so far)", self.current_epoch + 1,
                         batch_idx + 1, float(loss.detach()), int(self.nan_steps))
@@ -244,8 +271,8 @@ class CLDModule(L.LightningModule):
         if self.instance == "npid":
             m = float(c["memory_momentum"])
             idx = self._gather(index)
-            self.memory = memory_bank_update(self.memory, self._gather(fb.detach()), idx, m)
-            self.memory = memory_bank_update(self.memory, self._gather(fa.detach()), idx, m)
+            memory_bank_update(self.memory, self._gather(fb.detach()), idx, m, inplace=True)
+            memory_bank_update(self.memory, self._gather(fa.detach()), idx, m, inplace=True)
         else:
             self._ema_update()
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=b)
@@ -335,9 +362,9 @@ def run_cld(ctx: RunContext, out: Path) -> None:
     nan = int(module.nan_steps)
     if nan:
         log.warning("CLD: %d training step(s) had a NaN loss and were skipped", nan)
-    save_model(out, model.state_dict(), arch,
-               ctx.meta(instance=instance, nan_steps=nan, knn_history=[list(t) for t in module.knn_history]))
-    finish(ctx)
+    complete(ctx, lambda: save_model(out, model.state_dict(), arch,
+                                     ctx.meta(instance=instance, nan_steps=nan,
+                                              knn_history=[list(t) for t in module.knn_history])))
 
 
 __all__ = ["CLDModule", "INSTANCES", "build_model", "cld_arch", "cld_lr", "run_cld"]

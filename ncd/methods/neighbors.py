@@ -17,6 +17,12 @@ from ncd.utils import atomic_path
 log = logging.getLogger("ncd")
 
 
+def gpu_search_available(faiss) -> bool:
+    """Whether this faiss build has GPU support and a GPU is visible (faiss-gpu on a GPU node; the
+    faiss-cpu wheel has no ``StandardGpuResources``)."""
+    return hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
 def knn_indices(features: np.ndarray, k: int) -> np.ndarray:
     """Exact inner-product search of every row against all rows: ``[N, k+1]`` indices,
     normally with the row itself in column 0 (faiss ``IndexFlatIP``, as SCAN)."""
@@ -24,6 +30,9 @@ def knn_indices(features: np.ndarray, k: int) -> np.ndarray:
 
     x = np.ascontiguousarray(features, dtype=np.float32)
     index = faiss.IndexFlatIP(x.shape[1])
+    if gpu_search_available(faiss):
+        # exact search either way; on the GPU, ImageNet-200's 260k × 260k products take seconds
+        index = faiss.index_cpu_to_all_gpus(index)
     index.add(x)
     _, idx = index.search(x, min(k + 1, len(x)))
     return idx.astype(np.int64)

@@ -25,7 +25,7 @@ from ncd.methods.common import (
     collect,
     eval_loader,
     eval_splits,
-    finish,
+    complete,
     fit,
     make_loader,
     restore,
@@ -51,6 +51,7 @@ class SCANModule(L.LightningModule):
         self.best_state: dict[str, torch.Tensor] | None = None
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
         if self.head_only:
             for p in self.model.backbone.parameters():
                 p.requires_grad_(False)
@@ -78,14 +79,31 @@ class SCANModule(L.LightningModule):
         return total
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        self._val_probs.append(torch.softmax(self.model(x).float(), dim=-1).cpu())
-        self._val_targets.append(torch.as_tensor(y).cpu())
+        x, y, index = batch
+        # kept on the device: one copy to the host per validation pass, not one per batch
+        self._val_probs.append(torch.softmax(self.model(x).float(), dim=-1))
+        self._val_targets.append(torch.as_tensor(y, device=self.device))
+        self._val_index.append(torch.as_tensor(index, device=self.device))
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's validation outputs, in dataset order: ``[H, N, K]`` probabilities and targets."""
+        probs = torch.cat(self._val_probs, dim=1)
+        targets, index = torch.cat(self._val_targets), torch.cat(self._val_index)
+        self._val_probs, self._val_targets, self._val_index = [], [], []
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # each rank saw a share (a distributed sampler pads with repeats): place rows by index
+            probs = self.all_gather(probs).permute(1, 0, 2, 3).flatten(1, 2)
+            targets, index = self.all_gather(targets).flatten(), self.all_gather(index).flatten()
+            n = int(index.max()) + 1
+            placed = probs.new_zeros(probs.shape[0], n, probs.shape[2])
+            placed[:, index] = probs
+            ys = targets.new_zeros(n)
+            ys[index] = targets
+            probs, targets = placed, ys
+        return probs.cpu(), targets.cpu()
 
     def on_validation_epoch_end(self) -> None:
-        probs = torch.cat(self._val_probs, dim=1)      # [H, N, K]
-        targets = torch.cat(self._val_targets)
-        self._val_probs, self._val_targets = [], []
+        probs, targets = self._gathered()      # [H, N, K], [N]
         if self.val_neighbors is None or self.trainer.sanity_checking:
             return
         losses = scan_head_losses(probs, self.val_neighbors)
@@ -148,10 +166,9 @@ def run_scan(ctx: RunContext, pretrain_ckpt: Path, neighbors: Path, out: Path) -
     fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]),
         val_loader=make_loader(val_ds, int(sc.get("eval_batch_size", 512)), ctx, train=False))
     state = module.best_state or model.state_dict()
-    save_model(out, state, clustering_arch(arch, k, heads),
-               ctx.meta(best_head=module.best_head, best_val_loss=module.best_loss))
+    complete(ctx, lambda: save_model(out, state, clustering_arch(arch, k, heads),
+                                     ctx.meta(best_head=module.best_head, best_val_loss=module.best_loss)))
     log.info("SCAN done: head %d, lowest validation loss %.4f", module.best_head, module.best_loss)
-    finish(ctx)
 
 
 

@@ -16,7 +16,7 @@ from ncd.data.wrappers import Transformed, WeakStrong
 from ncd.errors import NcdError
 from ncd.eval import hungarian_evaluate
 from ncd.losses import confidence_ce
-from ncd.methods.common import RunContext, build_optimizer, finish, fit, make_loader
+from ncd.methods.common import RunContext, build_optimizer, complete, fit, make_loader
 from ncd.models import ClusteringModel, model_from_arch
 
 log = logging.getLogger("ncd")
@@ -37,6 +37,11 @@ class EMA:
             raise NcdError(f"unknown selflabel.ema.mode {mode!r}; expected 'official' or 'fixed'")
         self.alpha, self.mode = alpha, mode
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def to(self, device: torch.device) -> EMA:
+        """Move the shadow weights to ``device`` (a resumed shadow is loaded on the CPU)."""
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
 
     @torch.no_grad()
     def step(self, model: torch.nn.Module) -> None:
@@ -65,21 +70,29 @@ class SelfLabelModule(L.LightningModule):
         ema = self.cfg.get("ema", {})
         if ema.get("enabled", False) and self.ema is None:
             self.ema = EMA(self.model, float(ema.get("alpha", 0.999)), ema.get("mode", "official"))
+        elif self.ema is not None:
+            # restored from last.ckpt before Lightning moved the model to its device (AUDIT B1)
+            self.ema.to(self.device)
 
     def training_step(self, batch, batch_idx: int):
         weak, strong = batch[0], batch[1]
         with torch.no_grad():
             w = self.model(weak)[0]
         thr = float(self.cfg.get("confidence_threshold", 0.99))
-        if not bool((torch.softmax(w.float(), 1).max(1).values > thr).any()):
+        confident = torch.softmax(w.float(), 1).max(1).values > thr
+        # a host sync the official algorithm has too: its loss needs a non-empty mask (it raises otherwise)
+        if not bool(confident.any()):
             # the official code raises here (issue #46); we skip the batch and count it
             self.skipped += 1
             self.log("train/skipped_batches", float(self.skipped), on_step=False, on_epoch=True, reduce_fx="max")
-            return None
+            if self._trainer is None or self.trainer.world_size == 1:
+                return None
+            # DDP cannot skip a step on one rank (the others wait in the gradient all-reduce):
+            # this rank contributes a zero gradient instead
+            return 0.0 * self.model(strong)[0].sum()
         s = self.model(strong)[0]
         loss = confidence_ce(w.float(), s.float(), threshold=thr, class_balance=bool(self.cfg.get("class_balance", True)))
-        with torch.no_grad():
-            frac = (torch.softmax(w.float(), 1).max(1).values > thr).float().mean()
+        frac = confident.float().mean()
         b = weak.shape[0]
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=b)
         self.log("train/confident_fraction", frac, on_step=False, on_epoch=True, batch_size=b)
@@ -90,12 +103,16 @@ class SelfLabelModule(L.LightningModule):
             self.ema.step(self.model)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._val.append((self.model(batch[0])[0].argmax(1).cpu(), torch.as_tensor(batch[1]).cpu()))
+        # kept on the device: one copy to the host per validation pass, not one per batch
+        self._val.append((self.model(batch[0])[0].argmax(1), torch.as_tensor(batch[1], device=self.device)))
 
     def on_validation_epoch_end(self) -> None:
         pred = torch.cat([p for p, _ in self._val])
         target = torch.cat([t for _, t in self._val])
         self._val = []
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank saw its share of the test split
+            pred, target = self.all_gather(pred).flatten(0, 1), self.all_gather(target).flatten(0, 1)
+        pred, target = pred.cpu(), target.cpu()
         if (target >= 0).all() and len(target):
             self.log("val/acc", float(hungarian_evaluate(pred, target)["acc"]), prog_bar=True)
 
@@ -138,5 +155,5 @@ def run_selflabel(ctx: RunContext, scan_ckpt: Path, out: Path) -> None:
     if module.skipped:
         log.warning("%d batches had no prediction above the confidence threshold and were skipped", module.skipped)
     arch = {**blob["arch"], "num_heads": 1}
-    save_model(out, model.state_dict(), arch, ctx.meta(best_head=0, source_head=head, skipped_batches=module.skipped))
-    finish(ctx)
+    complete(ctx, lambda: save_model(out, model.state_dict(), arch,
+                                     ctx.meta(best_head=0, source_head=head, skipped_batches=module.skipped)))

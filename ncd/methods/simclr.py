@@ -25,7 +25,7 @@ from ncd.methods.common import (
     collect,
     eval_loader,
     eval_splits,
-    finish,
+    complete,
     fit,
     make_loader,
     restore,
@@ -83,8 +83,8 @@ def run_pretrain(ctx: RunContext, out: Path) -> None:
     log.info("SimCLR on %s/%s: %d images, backbone %s, %d epochs", dataset, info.pretrain_split,
              len(ds), ctx.cfg["backbone"], sc["epochs"])
     fit(SimCLRModule(model, sc), make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
-    save_model(out, model.state_dict(), contrastive_arch(ctx, dim, head, fdim), ctx.meta(pretext="simclr"))
-    finish(ctx)
+    complete(ctx, lambda: save_model(out, model.state_dict(), contrastive_arch(ctx, dim, head, fdim),
+                                     ctx.meta(pretext="simclr")))
 
 
 def import_moco(ctx: RunContext, out: Path) -> None:

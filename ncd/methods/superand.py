@@ -108,6 +108,7 @@ class SuperANDModule(L.LightningModule):
         self.ue_weight = 0.0
         self.consistency: float | None = None
         self.last_knn: float | None = None
+        self._anchor_table: tuple[torch.Tensor, torch.Tensor] | None = None  # anchors() of the current round
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def round_epoch(self, epoch: int | None = None) -> tuple[int, int]:
@@ -125,6 +126,7 @@ class SuperANDModule(L.LightningModule):
         self.neighbour_table[anchors] = nbrs
         self.entropy.copy_(ent)
         self.anchor_round.fill_(rnd)
+        self._anchor_table = None
         # diagnostic only (the official "consistency"): anchor and neighbour share the true label
         y = self.train_labels
         la, ln = y[anchors].view(-1, 1), y[nbrs]
@@ -139,12 +141,16 @@ class SuperANDModule(L.LightningModule):
         if rnd > 0 and int(self.anchor_round) != rnd:
             self.discover(rnd)
         self.ue_weight = float(self.cfg.get("ue_step", 0.2)) * (ep // int(self.cfg.get("ue_every", 80)))
+        # the table changes only here: its nonzero() (a host sync) runs once per epoch, not per step
+        self._anchor_table = self.anchors()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         views, _, idx = batch[0], batch[1], batch[2]
         b = views.shape[0]
         f = self.model(torch.cat([views[:, 0], views[:, 1]]))
-        anchors, nbrs = self.anchors()
+        if self._anchor_table is None:
+            self._anchor_table = self.anchors()
+        anchors, nbrs = self._anchor_table
         c = self.cfg
         res = super_and_loss(f, idx, self.model.memory, anchors, nbrs, ue_weight=self.ue_weight,
                              npc_temperature=float(c.get("npc_temperature", 0.1)),

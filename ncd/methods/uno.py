@@ -32,7 +32,7 @@ from ncd.methods.common import (
     base_arch,
     build_optimizer,
     build_scheduler,
-    finish,
+    complete,
     fit,
     make_loader,
     restore,
@@ -175,9 +175,8 @@ def run_pretrain_supervised(ctx: RunContext, out: Path) -> None:
     log.info("UNO pretraining on %d known classes of %s: %d images, %d epochs", len(known), dataset, len(ds), sc["epochs"])
     fit(UNOPretrain(model, sc), make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
     model.normalize_prototypes()
-    save_model(out, model.state_dict(), uno_arch(ctx, info, dim, len(known), len(novel), None),
-               ctx.meta(known=known, novel=novel))
-    finish(ctx)
+    complete(ctx, lambda: save_model(out, model.state_dict(), uno_arch(ctx, info, dim, len(known), len(novel), None),
+                                     ctx.meta(known=known, novel=novel)))
 
 
 def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
@@ -203,12 +202,16 @@ def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
     module = UNODiscover(model, sc, len(known))
     log.info("UNO discovery on %s: %d known + %d novel classes, %d images, %d heads, %d small crops, %d epochs",
              dataset, len(known), len(novel), len(ds), arch["num_heads"], small, sc["epochs"])
-    fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
-    best = int(torch.argmin(module.loss_per_head).item())
-    log.info("UNO best head %d (summed cluster loss of the last epoch: %s)", best,
-             [round(float(v), 3) for v in module.loss_per_head])
-    save_model(out, model.state_dict(), arch, ctx.meta(best_head=best, known=known, novel=novel))
-    finish(ctx)
+    trainer = fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
+    # every rank summed the loss of its own share of the epoch: the head is chosen on the total
+    local = module.loss_per_head.clone()
+    if trainer.world_size > 1:
+        log.info("summed cluster loss per head over this rank's share: %s", [float(v) for v in local])
+    losses = trainer.strategy.reduce(local, reduce_op="sum").cpu()
+    best = int(torch.argmin(losses))
+    log.info("UNO best head %d (summed cluster loss of the last epoch: %s)", best, [round(float(v), 3) for v in losses])
+    complete(ctx, lambda: save_model(out, model.state_dict(), arch,
+                                     ctx.meta(best_head=best, known=known, novel=novel, loss_per_head=losses.tolist())))
 
 
 @torch.no_grad()

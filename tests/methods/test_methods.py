@@ -124,6 +124,25 @@ def test_knn_mining_and_agreement():
     assert neighbor_agreement(idx, shuffled) < 1.0
 
 
+def test_knn_mining_moves_the_index_to_the_gpus_when_faiss_has_gpu_support(monkeypatch):
+    import faiss
+
+    from ncd.methods.neighbors import gpu_search_available
+
+    assert not gpu_search_available(type("CpuOnly", (), {})())
+    moved = []
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index, raising=False)
+    x = np.eye(6, dtype=np.float32)
+    idx = knn_indices(x, 2)
+    assert len(moved) == 1 and isinstance(moved[0], faiss.IndexFlatIP)
+    assert (idx[:, 0] == np.arange(6)).all()
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)  # faiss-gpu on a CPU-only node
+    knn_indices(x, 2)
+    assert len(moved) == 1
+
+
 def _ctx(tmp_path: Path, **pretrain) -> RunContext:
     cfg = resolve_experiment(load_config([ROOT / "config.yaml"]), "scan_digits")
     cfg["backbone"] = "resnet18"
