@@ -44,6 +44,12 @@ class Stage:
     resumable: bool = True                     # trains with Lightning and resumes from last.ckpt
     # inputs a config turns off (e.g. the two-stage ablation trains stage 2 from scratch)
     skip_inputs: Callable[[dict[str, Any]], frozenset[str]] | None = None
+    # whether an experiment's config runs the stage at all (e.g. CLD's linear probe); None: always
+    enabled: Callable[[dict[str, Any]], bool] | None = None
+
+    def enabled_for(self, cfg: dict[str, Any]) -> bool:
+        """Whether an experiment with config ``cfg`` runs (and evaluates) this stage."""
+        return self.enabled is None or bool(self.enabled(cfg))
 
     def inputs_for(self, cfg: dict[str, Any]) -> dict[str, str]:
         """The upstream stages this stage reads under experiment config ``cfg``."""
@@ -75,6 +81,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 def _twostage_skip(cfg: dict[str, Any]) -> frozenset[str]:
     return frozenset({"embed"}) if cfg.get("twostage", {}).get("init") == "scratch" else frozenset()
+
+
+def _cld_probe_on(cfg: dict[str, Any]) -> bool:
+    return int((cfg.get("cld_probe") or {}).get("epochs", 0)) > 0
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -110,6 +120,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("cld", "cld", "ncd.methods.cld:run_cld",
           "CLD: an instance-discrimination learner (NPID, MoCo, MoCo v2, InfoMin) + the cross-level group branch",
           blocks=("cld", "evaluate"), evaluate="ncd.methods.cld_eval:evaluate_cld", multi_device=True),
+    Stage("cld_probe", "cld", "ncd.methods.cld_probe:run_cld_probe",
+          "CLD's ImageNet linear probe: a linear classifier on the frozen CLD backbone (runs when cld_probe.epochs > 0)",
+          inputs={"cld": "cld"}, blocks=("cld_probe",), evaluate="ncd.methods.cld_probe:evaluate_cld_probe",
+          multi_device=True, enabled=_cld_probe_on),
     Stage("superand", "twostage", "ncd.methods.superand:run_superand",
           "two-stage classifier, stage 1: Super-AND embedding (memory bank, five rounds of anchor neighbourhoods)",
           blocks=("superand",), evaluate="ncd.methods.twostage:evaluate_twostage"),
@@ -129,14 +143,16 @@ METRICS: tuple[str, ...] = ("acc", "nmi", "ari", "ami", "acc_top5", "acc_agnosti
 EVALUATE_BLOCKS: tuple[str, ...] = ("evaluate",)
 
 
-def stages_of(method: str) -> list[Stage]:
-    """The stages an experiment of ``method`` runs, in pipeline order."""
-    return [s for s in STAGES.values() if s.method == method]
+def stages_of(method: str, cfg: dict[str, Any] | None = None) -> list[Stage]:
+    """The stages an experiment of ``method`` runs, in pipeline order: all of them, or with ``cfg``
+    (the experiment's config) only those it enables."""
+    return [s for s in STAGES.values() if s.method == method and (cfg is None or s.enabled_for(cfg))]
 
 
-def evaluated_stages(method: str) -> list[str]:
-    """Names of the stages of ``method`` whose artifact is evaluated into metrics.json."""
-    return [s.name for s in stages_of(method) if s.evaluate]
+def evaluated_stages(method: str, cfg: dict[str, Any] | None = None) -> list[str]:
+    """Names of the stages of ``method`` (enabled by ``cfg`` when given) whose artifact is evaluated
+    into metrics.json."""
+    return [s.name for s in stages_of(method, cfg) if s.evaluate]
 
 
 def artifact(stage: str) -> str:

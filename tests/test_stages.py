@@ -41,6 +41,7 @@ SHRINK = {
     "sela": {"epochs": 2, "nopts": 2, "batch_size": 256, "scheduler": {"name": "constant"},
              "linear_probe": {"epochs": 2, "batch_size": 256, "lr": 0.1, "milestones": [1]}},
     "cld": {"epochs": 2, "batch_size": 128, "knn_every": 1},
+    "cld_probe": {"epochs": 2, "batch_size": 128, "lr": 0.1, "milestones": [1]},  # epochs > 0: the stage is on
     "superand": {"rounds": 2, "epochs": 1, "batch_size": 256},
     "twostage": {"epochs": 2, "batch_size": 256, "lr_schedule": {"start": 1, "every": 1}},
 }
@@ -100,6 +101,7 @@ def _kill_after_first_save(args: list[str], stage: str) -> subprocess.CompletedP
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_runs_resumes_and_evaluates(stage, config, work):
     st = STAGES[stage]
+    assert st.enabled_for(config["experiments"][EXPERIMENT[st.method]]), "SHRINK must switch the stage on"
     _ensure(config, work, stage)
     out = work / artifact(stage)
     args = _args(config, work, stage, out)

@@ -313,9 +313,10 @@ def configure_backends(runtime: dict[str, Any]) -> None:
 
 
 def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, epochs: int,
-        val_loader: DataLoader | None = None) -> L.Trainer:
+        val_loader: DataLoader | None = None, *, precision: str | None = None) -> L.Trainer:
     """Train ``module`` for ``epochs`` epochs (validating after each one when ``val_loader`` is
-    given), resuming from ``out_dir/last.ckpt`` if it was written under the same config."""
+    given), resuming from ``out_dir/last.ckpt`` if it was written under the same config.
+    ``precision`` overrides ``runtime.precision`` (a stage block's own precision)."""
     rt = ctx.runtime
     configure_backends(rt)
     devices = int(rt.get("devices", 1))
@@ -341,7 +342,7 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
         # several devices: DDP, with synchronised BatchNorm unless runtime.sync_batchnorm is off (UNO's
         # multi-GPU runs synchronise it; MoCo-style runs keep it per GPU and shuffle the key batch)
         **({"strategy": "ddp", "sync_batchnorm": _sync_batchnorm(rt)} if devices > 1 else {}),
-        precision=rt.get("precision", "32-true"),
+        precision=precision or rt.get("precision", "32-true"),
         max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,

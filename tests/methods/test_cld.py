@@ -1,7 +1,7 @@
 """CLD's training module on tiny real data: the NPID memory protocol, the MoCo queue and EMA key
 encoder, InfoMin's jigsaw branch, skipped NaN steps, λ = 0 as the plain baseline, the learning-rate
-schedules, the augmentations, and the digits / CIFAR / ImageNet paths end to end (training, kNN,
-k-means and linear-probe evaluation) on real and fabricated files."""
+schedules, the augmentations, and the digits / CIFAR / ImageNet paths end to end (training, kNN and
+k-means evaluation, and on ImageNet the cld_probe stage) on real and fabricated files."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ncd.errors import NcdError
 from ncd.methods.evaluate import evaluate
 from ncd.losses import memory_bank_update
 from ncd.methods.cld import CLDModule, cld_lr, run_cld
+from ncd.methods.cld_probe import run_cld_probe
 from ncd.methods.common import RunContext
 from ncd.models.cld import CLDModel, build_cld_backbone
 
@@ -330,23 +331,29 @@ def test_cifar_paper_settings_on_fabricated_files(tmp_path, monkeypatch, exp):
 @pytest.mark.parametrize("exp", ["cld_imagenet_mocov2", "cld_imagenet_infomin"])
 def test_imagenet_paper_settings_on_fabricated_files(tmp_path, exp):
     """The ImageNet settings' data path (three crops, InfoMin's jigsaw crops), instance branch and
-    linear probe on a fabricated ImageNet folder; the ResNet-50 is swapped for the small CNN and
-    the crops shrunk to keep the test fast (the ResNet-50 model is tested on its own)."""
+    linear probe (its own stage, cld_probe) on a fabricated ImageNet folder; the ResNet-50 is swapped
+    for the small CNN and the crops shrunk to keep the test fast (the ResNet-50 model is tested on its
+    own)."""
     root = tmp_path / "imagenet"
     datafab.write_imagenet(root, ["n01440764", "n01443537"], per_class=3)
     cfg = resolve_experiment(load_config([ROOT / "config.yaml", ROOT / "workflow/experiments/paper.yaml"]), exp)
-    assert cfg["backbone"] == "resnet50" and cfg["cld"]["mlp"] and cfg["cld"]["probe"]["epochs"] > 0
+    assert cfg["backbone"] == "resnet50" and cfg["cld"]["mlp"] and cfg["cld_probe"]["epochs"] > 0
+    assert cfg["cld_probe"]["precision"] == "16-mixed" and "probe" not in cfg["cld"]
     cfg["backbone"], cfg["backbone_kwargs"] = "small_cnn", {"width": 4, "pool": 1}
     cfg["runtime"].update(accelerator="cpu", devices=1, num_workers=0, precision="32-true")
     cfg["cld"].update(epochs=1, batch_size=3, queue_size=12, augment={"crop_size": 32})
-    cfg["cld"]["probe"].update(epochs=1, batch_size=4)
+    cfg["cld_probe"].update(epochs=1, batch_size=4, precision=None)  # 16-mixed needs a GPU
     cfg["evaluate"]["batch_size"] = 4
     ctx = _ctx(tmp_path, exp, cfg, root)
     run_cld(ctx, ctx.out_dir / "model.ckpt")
     arch = load_model(ctx.out_dir / "model.ckpt")["arch"]
     assert arch["mlp"] and arch["head"] == "normlinear" and arch["jigsaw"] == (exp == "cld_imagenet_infomin")
-    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
-    assert [(r["split"], r["metric"]) for r in rows] == [("test", "linear_top1")]
+    # kNN and k-means are off on ImageNet: the cld stage itself has no rows there
+    assert evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json") == []
+    probe = _ctx(tmp_path, exp, cfg, root, stage="cld_probe")
+    run_cld_probe(probe, ctx.out_dir / "model.ckpt", probe.out_dir / "model.ckpt")
+    rows = evaluate(probe, probe.out_dir / "model.ckpt", probe.out_dir / "metrics.json")
+    assert [(r["stage"], r["split"], r["metric"]) for r in rows] == [("cld_probe", "test", "linear_top1")]
     assert 0.0 <= rows[0]["value"] <= 1.0
 
 

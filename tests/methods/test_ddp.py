@@ -48,6 +48,8 @@ SHRINK = {
     # so that the key batch is shuffled across the two ranks, on a small backbone
     "cld": {"instance": "mocov2", "augmentation": "mocov2", "mlp": True, "queue_size": 512, "epochs": 1,
             "batch_size": 64, "num_clusters": 8, "knn_every": 1, "scheduler": {"name": "cosine_epoch"}},
+    # the ImageNet linear probe on the CLD trunk: 64 images per step over both ranks
+    "cld_probe": {"epochs": 1, "batch_size": 64, "lr": 0.1, "milestones": [1], "augmentation": "linear"},
     "sela": {"epochs": 1, "nopts": 1, "batch_size": 64},
     "superand": {"rounds": 1, "epochs": 1, "batch_size": 64},
     "twostage": {"init": "scratch", "epochs": 1, "batch_size": 64},
@@ -180,6 +182,10 @@ def test_cld_moco_path_skips_a_nan_on_one_rank_on_both(config, work):
     blob = _assert_one_artifact(work, "cld", [1])
     assert blob["meta"]["nan_steps"] == 1
     assert [e for e, _ in blob["meta"]["knn_history"]] == [1]
+    _ok(_run(config, work, "cld_probe"))
+    probe = _assert_one_artifact(work, "cld_probe", [1])
+    trunk = {k: v for k, v in blob["state_dict"].items() if k.startswith("backbone.")}
+    assert trunk and all(torch.equal(probe["state_dict"][k], v) for k, v in trunk.items())  # frozen on both ranks
 
 
 @pytest.mark.parametrize("stage", ["sela", "superand", "twostage"])

@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+import ncd.methods.cld_probe  # noqa: F401  a method module registers its own kind at import (linear_probe)
 import ncd.models as models
 from ncd.errors import NcdError
 from ncd.models import ARCHITECTURES, model_from_arch, register_architecture
 from ncd.ops import npid_memory_init
 
-KINDS = ["contrastive", "clustering", "uno", "sela", "superand", "twostage", "cld"]
+KINDS = ["contrastive", "clustering", "uno", "sela", "superand", "twostage", "cld", "linear_probe"]
 NCD = Path(models.__file__).resolve().parents[1]
 
 
@@ -32,7 +33,7 @@ def test_every_checkpoint_kind_has_a_builder_and_unknown_kinds_are_listed():
     with pytest.raises(NcdError) as e:
         model_from_arch({"kind": "weird", "backbone": "small_cnn", "in_channels": 1})
     assert str(e.value) == ("checkpoint architecture kind 'weird' has no model; expected 'contrastive', 'clustering', "
-                            "'uno', 'sela', 'superand', 'twostage' or 'cld'")
+                            "'uno', 'sela', 'superand', 'twostage', 'cld' or 'linear_probe'")
 
 
 def test_a_method_registers_its_own_kind(registry):
@@ -43,7 +44,7 @@ def test_a_method_registers_its_own_kind(registry):
     register_architecture("probe", build)  # the same builder again: a no-op (a module imported twice)
     model = model_from_arch({"kind": "probe", "in": 3})
     assert isinstance(model, nn.Linear) and model.in_features == 3
-    with pytest.raises(NcdError, match="expected .*'cld' or 'probe'"):
+    with pytest.raises(NcdError, match="expected .*'linear_probe' or 'probe'"):
         model_from_arch({"kind": "nope"})
     with pytest.raises(NcdError, match="'probe' is already registered"):
         register_architecture("probe", lambda arch: nn.Identity())

@@ -96,7 +96,7 @@ def _dry_jobs(*extra: str) -> list[dict[str, str]]:
 
 
 GPU_RULES = {"pretrain", "mine", "pretext_kmeans", "scan", "selflabel", "pretrain_supervised", "discover", "evaluate",
-             "sela", "cld", "superand", "twostage"}
+             "sela", "cld", "cld_probe", "superand", "twostage"}
 
 
 @pytest.mark.timeout(300)
@@ -110,7 +110,7 @@ def test_every_gpu_rule_requests_gpus_and_names_the_image():
             assert int(j["cpus_per_task"]) in (4, 8) and int(j["mem_mb"]) >= 32000, j  # per task (GPU)
     # UNO and CLD on ImageNet: N GPUs = N tasks started by the rule's srun (mpi); evaluation on one GPU
     multi = [j for j in jobs if int(j.get("gpu", 0)) > 1]
-    assert {j["rule"] for j in multi} == {"pretrain_supervised", "discover", "cld"}  # UNO and CLD on ImageNet
+    assert {j["rule"] for j in multi} == {"pretrain_supervised", "discover", "cld", "cld_probe"}  # UNO and CLD on ImageNet
     assert all(j["tasks"] == j["gpu"] and j["mpi"] == "srun" for j in multi)
     assert not [j for j in jobs if j["rule"] == "evaluate" and j["gpu"] != "1"]
     assert not [j for j in jobs if j["rule"] == "cluster" and j.get("gpu", "0") != "0"]

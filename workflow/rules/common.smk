@@ -110,12 +110,13 @@ def seeds_of(exp):
 
 
 def metrics_targets(with_keys=False):
-    """Every metrics.json the selected experiments produce (with ``with_keys``: ``(path, exp, seed, stage)``)."""
+    """Every metrics.json the selected experiments produce (with ``with_keys``: ``(path, exp, seed, stage)``):
+    the evaluated stages each experiment's config enables (e.g. cld_probe only when cld_probe.epochs > 0)."""
     targets = [
         (f"{RESULTS}/{exp}/seed{seed}/{stage}/metrics.json", exp, seed, stage)
         for exp, cfg in EXPERIMENTS.items()
         for seed in seeds_of(exp)
-        for stage in evaluated_stages(cfg["method"])
+        for stage in evaluated_stages(cfg["method"], cfg)
     ]
     return targets if with_keys else [t[0] for t in targets]
 
