@@ -160,7 +160,7 @@ class SeLaModule(L.LightningModule):
         # the official pass runs in train mode (BatchNorm batch statistics, dropout on); "eval" is the alternative
         self.model.train(self.cfg["label_pass_mode"] == "train")
         for x, _, idx in self.label_loader:
-            feats[idx] = self.model.backbone(x.to(self.device)).float().cpu()
+            feats[idx] = self.model.backbone(x.to(self.device, non_blocking=True)).float().cpu()
         self.model.train(was_training)
         return feats
 

@@ -219,7 +219,7 @@ def _outputs(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """Labeled logits ``[N, C_l]``, every head's novel logits ``[H, N, C_u]`` and the targets."""
     lab, unlab, ys = [], [], []
     for x, y, _ in tqdm(loader, desc="predict", leave=False, mininterval=2.0):
-        o = model(x.to(device))
+        o = model(x.to(device, non_blocking=True))
         lab.append(o["logits_lab"].float().cpu())
         unlab.append(o["logits_unlab"].float().cpu())
         ys.append(torch.as_tensor(y))
