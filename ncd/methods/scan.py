@@ -60,6 +60,11 @@ class SCANModule(L.LightningModule):
         if self.head_only:
             self.model.eval()  # the official code puts the whole model in eval mode
 
+    def on_train_start(self) -> None:
+        # also here: a run resumed mid-epoch gets no on_train_epoch_start from Lightning (2.6), and
+        # the frozen backbone's BatchNorm must not update its statistics for the rest of that epoch
+        self.on_train_epoch_start()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         anchors, neighbors = batch[0], batch[1]
         if self.head_only:

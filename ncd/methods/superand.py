@@ -140,16 +140,22 @@ class SuperANDModule(L.LightningModule):
         rnd, ep = self.round_epoch()
         if rnd > 0 and int(self.anchor_round) != rnd:
             self.discover(rnd)
-        self.ue_weight = float(self.cfg.get("ue_step", 0.2)) * (ep // int(self.cfg.get("ue_every", 80)))
+        self.ue_weight = self._ue_weight()
         # the table changes only here: its nonzero() (a host sync) runs once per epoch, not per step
         self._anchor_table = self.anchors()
+
+    def _ue_weight(self) -> float:
+        _, ep = self.round_epoch()
+        return float(self.cfg.get("ue_step", 0.2)) * (ep // int(self.cfg.get("ue_every", 80)))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         views, _, idx = batch[0], batch[1], batch[2]
         b = views.shape[0]
         f = self.model(torch.cat([views[:, 0], views[:, 1]]))
         if self._anchor_table is None:
+            # a run resumed mid-epoch: Lightning skips on_train_epoch_start, so set up here
             self._anchor_table = self.anchors()
+            self.ue_weight = self._ue_weight()
         anchors, nbrs = self._anchor_table
         c = self.cfg
         res = super_and_loss(f, idx, self.model.memory, anchors, nbrs, ue_weight=self.ue_weight,

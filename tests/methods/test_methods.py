@@ -207,3 +207,17 @@ def test_moco_import_errors(tmp_path):
     with pytest.raises(NcdError, match="does not fit"):
         run_pretrain(_ctx(tmp_path, checkpoint=str(bad)), tmp_path / "o.ckpt")
     assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_head_only_scan_keeps_the_backbone_in_eval_mode_when_a_run_resumes_mid_epoch():
+    """Lightning 2.6 calls no on_train_epoch_start for the epoch a run resumes in: on_train_start must
+    put the frozen backbone's BatchNorm back in eval mode (the official code trains with model.eval())."""
+    from ncd.methods.scan import SCANModule
+
+    backbone, dim = build_backbone("resnet18_cifar", 3)
+    module = SCANModule(ClusteringModel(backbone, dim, 4, 1), {"update_cluster_head_only": True}, None)
+    module.train()
+    bns = [m for m in module.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns)
+    module.on_train_start()
+    assert not any(m.training for m in bns)
