@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SNAKEMAKE := $(BIN)/snakemake
 CORES ?= 2
+# test workers (pytest-xdist, whole files per worker): many tests wait on subprocesses, SLURM polls and
+# DDP ranks, so two workers keep this 2-core machine busy
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint dryrun-paper dryrun-slurm container push pull remote bench clean
 
@@ -21,7 +24,7 @@ run: $(STAMP)
 	@echo "report: $(CURDIR)/reports/index.html (and reports/README.md)"
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(SNAKEMAKE) --lint

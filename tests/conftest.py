@@ -3,6 +3,17 @@
 import pytest
 import torch
 
+# The slowest files first. `make test` runs two xdist workers that take whole files (module fixtures
+# such as the SLURM cluster must run once); started first, these overlap each other instead of
+# leaving one worker alone with the last of them while the other has finished.
+SLOW_FIRST = ("tests/test_gpu_check.py", "tests/workflow/test_slurm.py", "tests/workflow/test_workflow.py",
+              "tests/workflow/test_dvc.py", "tests/methods/test_ddp.py", "tests/methods/test_resume.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {f: i for i, f in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture
 def one_thread():
