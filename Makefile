@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SNAKEMAKE := $(BIN)/snakemake
 CORES ?= 2
-# test workers (pytest-xdist, whole files per worker): many tests wait on subprocesses, SLURM polls and
+# test workers (pytest-xdist, whole files per worker, in the order tests/conftest.py gives, slowest
+# first, not xdist's most-tests-first): many tests wait on subprocesses, SLURM polls and
 # DDP ranks, so two workers keep this 2-core machine busy
 TEST_WORKERS ?= 2
 
@@ -24,7 +25,7 @@ run: $(STAMP)
 	@echo "report: $(CURDIR)/reports/index.html (and reports/README.md)"
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(SNAKEMAKE) --lint
