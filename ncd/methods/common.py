@@ -292,12 +292,16 @@ def _mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
                 sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r)) for k in keys}
 
 
+def _wants_gpu(runtime: dict[str, Any]) -> bool:
+    """Whether ``runtime.accelerator`` asks for a GPU (``auto``: when one is visible)."""
+    acc = str(runtime.get("accelerator", "auto"))
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
 def _sync_batchnorm(runtime: dict[str, Any]) -> bool:
     """``runtime.sync_batchnorm``, on GPUs only: PyTorch's SyncBatchNorm has no CPU kernel, so DDP on
     the CPU (the multi-device tests) keeps BatchNorm per process."""
-    acc = str(runtime.get("accelerator", "auto"))
-    on_gpu = acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
-    if bool(runtime.get("sync_batchnorm", True)) and not on_gpu:
+    if bool(runtime.get("sync_batchnorm", True)) and not _wants_gpu(runtime):
         log.warning("runtime.sync_batchnorm is on but the run is on the CPU, where SyncBatchNorm does not "
                     "exist: BatchNorm stays per process")
         return False
@@ -399,7 +403,7 @@ def inference_device(runtime: dict[str, Any]) -> torch.device:
     """The device eval passes run on: the GPU when the config allows it and one is present."""
     configure_backends(runtime)
     acc = str(runtime.get("accelerator", "auto"))
-    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+    if _wants_gpu(runtime):
         if not torch.cuda.is_available():
             raise NcdError(f"runtime.accelerator is {acc!r} but no CUDA device is visible")
         return torch.device("cuda")
