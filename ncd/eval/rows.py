@@ -9,6 +9,21 @@ import numpy as np
 
 Row = tuple[str, str, str, float]   # (split, head, metric, value)
 
+# A metric chosen as the best over training epochs by its value on the test split (what the
+# official SeLa CIFAR, CLD CIFAR and MoCo linear-probe loops report) carries this suffix, beside the
+# final model's value under the plain name; the report shows both, each labelled.
+SELECTED_ON_TEST = "_selected_on_test"
+
+
+def selected_on_test(metric: str) -> str:
+    """The name of ``metric``'s best-over-epochs value (selected on the test split)."""
+    return metric + SELECTED_ON_TEST
+
+
+def base_metric(metric: str) -> str:
+    """``metric`` without the :data:`SELECTED_ON_TEST` suffix."""
+    return metric[: -len(SELECTED_ON_TEST)] if metric.endswith(SELECTED_ON_TEST) else metric
+
 
 def head_rows(split: str, results: Sequence[Mapping[str, Any]], metrics: Iterable[str], best: int,
               avg: bool = False) -> list[Row]:
@@ -28,4 +43,4 @@ def confusion_of(result: Mapping[str, Any], head: int | str, **extra: Any) -> di
     return {**extra, "head": head, "matrix": np.asarray(result["confusion"]).tolist()}
 
 
-__all__ = ["Row", "head_rows", "confusion_of"]
+__all__ = ["Row", "SELECTED_ON_TEST", "base_metric", "confusion_of", "head_rows", "selected_on_test"]

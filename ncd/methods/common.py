@@ -66,16 +66,22 @@ class RunContext:
                 "config_hash": config_hash(self.cfg), "wall_time_s": time.time() - self.started, **extra}
 
 
-def make_loader(ds: Dataset, batch_size: int, ctx: RunContext, train: bool) -> DataLoader:
-    """Train loaders shuffle and drop the last partial batch (as SCAN's code); eval loaders don't."""
-    if train and len(ds) < batch_size:
+def make_loader(ds: Dataset, batch_size: int, ctx: RunContext, train: bool, *, drop_last: bool | None = None,
+                shuffle: bool | None = None) -> DataLoader:
+    """Train loaders shuffle and drop the last partial batch (as SCAN's code); eval loaders don't.
+
+    ``drop_last`` and ``shuffle`` override that default where an official loader differs (CLD's
+    CIFAR loaders keep the last batch; SeLa's label pass reads the images shuffled)."""
+    drop_last = train if drop_last is None else bool(drop_last)
+    shuffle = train if shuffle is None else bool(shuffle)
+    if train and drop_last and len(ds) < batch_size:
         raise NcdError(
             f"batch_size {batch_size} of stage '{ctx.stage}' is larger than its {len(ds)} training "
             f"images; expected a batch size of at most {len(ds)}"
         )
     workers = int(ctx.runtime.get("num_workers", 0))
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+        ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
     )
 

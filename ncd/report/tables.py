@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 
 from ncd.errors import NcdError
+from ncd.eval.rows import base_metric
 from ncd.stages import METHODS, METRICS, METRICS_COLUMNS, SPLITS, STAGES
 
 REPORTED_KEYS = ("paper", "method", "dataset", "stage", "split", "metric", "value", "source")
@@ -48,8 +49,9 @@ def split_rank(split: str) -> tuple[int, str]:
     return _rank(SPLITS, split)
 
 
-def metric_rank(metric: str) -> tuple[int, str]:
-    return _rank(METRICS, metric)
+def metric_rank(metric: str) -> tuple[int, str, bool]:
+    # a best-over-epochs value sorts right after its final value
+    return _rank(METRICS, base_metric(metric)) + (metric != base_metric(metric),)
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -152,9 +154,10 @@ def match_reported(reported: list[dict], method: str, dataset: str, stage: str, 
     canonical (variant-less) entry of that key. ``avg`` entries only match averaged heads; an
     averaged head whose variant names no average (a paper reports "lowest-loss head" and "average
     of 5 heads" as two rows) takes the one average of its key from the same source as the best-head
-    entry its experiment's variant matches.
+    entry its experiment's variant matches. A best-over-epochs metric (``*_selected_on_test``) takes
+    the entry of its plain metric, so the paper's number stands beside both values.
     """
-    key = (method, dataset, stage, split, metric)
+    key = (method, dataset, stage, split, base_metric(metric))
     cands = [r for r in reported if (r["method"], r["dataset"], r["stage"], r["split"], r["metric"]) == key
              and (r["head"] == "avg") == (head == "avg")]
     want = _norm_variant(variant)

@@ -221,3 +221,25 @@ def test_head_only_scan_keeps_the_backbone_in_eval_mode_when_a_run_resumes_mid_e
     assert bns and all(m.training for m in bns)
     module.on_train_start()
     assert not any(m.training for m in bns)
+
+
+def test_make_loader_defaults_and_overrides(tmp_path):
+    """Train loaders shuffle and drop the last partial batch unless an official loader says otherwise
+    (CLD's CIFAR loaders keep it, SeLa's label pass reads shuffled): the keyword overrides."""
+    from torch.utils.data import RandomSampler, SequentialSampler, TensorDataset
+
+    from ncd.methods.common import make_loader
+
+    ds = TensorDataset(torch.arange(10))
+    ctx = RunContext("e", 0, "s", {"runtime": {"num_workers": 0}}, tmp_path, tmp_path)
+    train, ev = make_loader(ds, 4, ctx, train=True), make_loader(ds, 4, ctx, train=False)
+    assert (len(train), train.drop_last, isinstance(train.sampler, RandomSampler)) == (2, True, True)
+    assert (len(ev), ev.drop_last, isinstance(ev.sampler, SequentialSampler)) == (3, False, True)
+    keep = make_loader(ds, 4, ctx, train=True, drop_last=False)
+    assert len(keep) == 3 and isinstance(keep.sampler, RandomSampler)
+    assert sorted(int(i) for (b,) in keep for i in b) == list(range(10))
+    shuffled = make_loader(ds, 4, ctx, train=False, shuffle=True)
+    assert len(shuffled) == 3 and isinstance(shuffled.sampler, RandomSampler)
+    assert len(make_loader(ds, 16, ctx, train=True, drop_last=False)) == 1  # smaller than a batch: one batch
+    with pytest.raises(NcdError, match="batch_size 16 .* larger than its 10 training images"):
+        make_loader(ds, 16, ctx, train=True)

@@ -163,6 +163,31 @@ def test_match_reported_rules():
     assert match_reported(rep, "twostage", "cifar10", "twostage", "train", "acc", "average of 5 heads", "avg")["value"] == 0.718
 
 
+def test_selected_on_test_rows_take_the_papers_number():
+    """AUDIT A8: a best-over-epochs value (chosen on the test split) is matched to the paper's number of
+    its plain metric, and sorts right after the final model's value."""
+    import pandas as pd
+
+    from ncd.eval.rows import base_metric, selected_on_test
+    from ncd.report.tables import paper_sections, summarise
+
+    rep = load_reported(REPORTED_YAML)
+    name = selected_on_test("knn_top1")
+    assert name == "knn_top1_selected_on_test" and base_metric(name) == "knn_top1"
+    plain = match_reported(rep, "cld", "cifar10", "cld", "test", "knn_top1", "NPID+CLD")
+    assert plain is not None and match_reported(rep, "cld", "cifar10", "cld", "test", name, "NPID+CLD") is plain
+    metrics = pd.DataFrame([
+        {"experiment": "c", "method": "cld", "stage": "cld", "dataset": "cifar10", "split": "test", "seed": seed,
+         "head": "best", "metric": metric, "value": value}
+        for seed in (0, 1) for metric, value in ((name, 0.86 + seed / 100), ("knn_top1", 0.85 + seed / 100))])
+    rows = summarise(metrics, {"c": {"variant": "NPID+CLD"}})
+    assert [r["metric"] for r in rows] == ["knn_top1", name]
+    sections, _ = paper_sections(rows, rep)
+    cells = {r["metric"]: r for s in sections for r in s["rows"]}
+    assert cells[name]["reported"]["text"] == cells["knn_top1"]["reported"]["text"] == "86.7"
+    assert cells[name]["delta"] == "-0.2" and cells["knn_top1"]["delta"] == "-1.2"
+
+
 def test_html_figures_provenance(tree):
     index = _build(tree)
     html = index.read_text()
