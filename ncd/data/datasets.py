@@ -252,7 +252,14 @@ def load_cifar(name: str, root: str | os.PathLike, split: str,
 
 def load_stl10(root: str | os.PathLike, split: str,
                transform: Callable | None = None) -> ArrayDataset:
-    """STL-10; ``unlabeled`` images have target −1."""
+    """STL-10; ``unlabeled`` images have target −1. ``train+test`` is the 13,000 labelled images (the
+    5,000 train, then the 8,000 test), on which the two-stage classifier's stage 2 trains and is scored
+    (Han et al., §4.1, following IIC's STL-10 protocol)."""
+    if split == "train+test":
+        parts = [_open_torchvision("stl10", Path(root), split=s) for s in ("train", "test")]
+        classes = getattr(parts[0], "classes", None) or [str(c) for c in range(10)]
+        return ArrayDataset(np.concatenate([p.data for p in parts]), np.concatenate([p.labels for p in parts]),
+                            classes, transform, channels_first=True)
     ds = _open_torchvision("stl10", Path(root), split=split)
     classes = getattr(ds, "classes", None) or [str(c) for c in range(10)]
     return ArrayDataset(ds.data, ds.labels, classes, transform, channels_first=True)
@@ -314,12 +321,21 @@ def open_imagenet(root: str | os.PathLike, split: str, name: str = "imagenet") -
 
 
 def load_imagenet(root: str | os.PathLike, split: str, transform: Callable | None = None,
-                  subset: int | None = None) -> FileDataset:
-    """ImageNet (or SCAN's ImageNet-``subset``), short side resized to 256 like SCAN's loader."""
+                  subset: int | None = None, *, resize: int | None | str = "auto") -> FileDataset:
+    """ImageNet, or SCAN's ImageNet-``subset``.
+
+    ``resize="auto"``: SCAN's subsets are resized to short side 256 when read, as SCAN's own ImageNet
+    loader does before its crops; the full ImageNet (UNO, SeLa, CLD and their probes) is read at full
+    resolution, as their official loaders crop (RandomResizedCrop down to 8 % of the area) from the
+    original JPEG. An int forces that short side, None full resolution."""
+    if resize == "auto":
+        resize = IMAGENET_RESIZE if subset is not None else None
+    elif resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+        raise NcdError(f"ImageNet resize must be 'auto', None or a positive short side, got {resize!r}")
     root = Path(root)
     if subset is None:
         ds = open_imagenet(root, split)
-        return FileDataset(ds.samples, ds.wnids, transform, resize=IMAGENET_RESIZE)
+        return FileDataset(ds.samples, ds.wnids, transform, resize=resize)
     name = f"imagenet-{subset}"
     classes = imagenet_subset_classes(subset)
     if not ((root / tv_imagenet.META_FILE).is_file() and (root / split).is_dir()):
@@ -333,7 +349,7 @@ def load_imagenet(root: str | os.PathLike, split: str, transform: Callable | Non
     if len(present) < len(classes):
         warnings.warn(f"{name}: {len(classes) - len(present)} of {len(classes)} class folders "
                       f"are missing in {root / split}", stacklevel=2)
-    return FileDataset(samples, [w for w, _ in classes], transform, resize=IMAGENET_RESIZE)
+    return FileDataset(samples, [w for w, _ in classes], transform, resize=resize)
 
 
 # --------------------------------------------------------------------------------------------

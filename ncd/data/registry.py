@@ -71,7 +71,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": _cifar("cifar100", 100, CIFAR20_MEAN, CIFAR20_STD),
     "cifar100-20": _cifar("cifar100-20", 20, CIFAR20_MEAN, CIFAR20_STD),
     "stl10": DatasetInfo("stl10", 10, 3, 96, 96, IMAGENET_MEAN, IMAGENET_STD,
-                         ("train", "test", "unlabeled", "train+unlabeled"),
+                         ("train", "test", "unlabeled", "train+unlabeled", "train+test"),
                          "train", "train+unlabeled", "test", 32, True),
     "imagenet": _imagenet("imagenet", 1000),
     "imagenet-50": _imagenet("imagenet-50", 50),

@@ -74,6 +74,9 @@ def test_stl10_splits(tmp_path, monkeypatch):
     assert unl.targets.tolist() == [-1] * 5 and unl[0][1] == -1
     both = build_dataset("stl10", tmp_path, "train+unlabeled")
     assert len(both) == 9 and both.targets.tolist() == fab["y"]["train"] + [-1] * 5
+    labelled = build_dataset("stl10", tmp_path, "train+test")  # the two-stage paper's 13,000 (AUDIT A3)
+    assert labelled.targets.tolist() == fab["y"]["train"] + fab["y"]["test"]
+    np.testing.assert_array_equal(_pixels(labelled), np.concatenate([fab["x"]["train"], fab["x"]["test"]]))
     assert get_info("stl10").pretrain_split == "train+unlabeled"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from datafab import write_imagenet
@@ -45,7 +46,7 @@ def test_subset_filtering(tmp_path):
         assert len(build_dataset("imagenet-50", tmp_path, "val")) == 6
     full = build_dataset("imagenet", tmp_path, "val")
     assert len(full) == 8 and sorted(set(full.targets.tolist())) == [0, 1, 2, 3]
-    assert full[0][0].size == (512, 256)
+    assert full[0][0].size == (40, 20)  # the full ImageNet is read at full resolution (AUDIT A5)
     with pytest.warns(UserWarning):
         marker = prepare_dataset("imagenet-50", tmp_path)
     assert "val: 6 images" in marker.read_text()
@@ -72,3 +73,28 @@ def test_imagenet_archive_checksum(tmp_path):
     with pytest.raises(NcdError, match=r"ILSVRC2012_img_val\.tar.*29b22e2961454d5413ddabcf"):
         prepare_dataset("imagenet", tmp_path)
     assert not (tmp_path / "READY").exists()
+
+
+def test_resize_policy_per_method(tmp_path):
+    """AUDIT A5: only SCAN's ImageNet subsets are pre-resized to short side 256 (SCAN's loader does that
+    before its crops); UNO, SeLa and CLD crop from the full-resolution image, as their official loaders."""
+    import yaml
+
+    from ncd.data.datasets import load_imagenet
+
+    write_imagenet(tmp_path, [IN50_FIRST, "n01440764"])
+    with pytest.warns(UserWarning):
+        sub = build_dataset("imagenet-50", tmp_path, "train")
+    assert sub.resize == 256 and sub[0][0].size == (512, 256)
+    full = build_dataset("imagenet", tmp_path, "train")
+    assert full.resize is None and full[0][0].size == (40, 20)
+    assert load_imagenet(tmp_path, "train", resize=32)[0][0].size == (64, 32)
+    with pytest.raises(NcdError, match="positive short side, got 0"):
+        load_imagenet(tmp_path, "train", resize=0)
+    paper_yaml = Path(__file__).resolve().parents[2] / "workflow/experiments/paper.yaml"
+    paper = yaml.safe_load(paper_yaml.read_text())["experiments"]
+    inet = {n: (e["method"], e["dataset"]) for n, e in paper.items() if e["dataset"].startswith("imagenet")}
+    assert {m for m, _ in inet.values()} >= {"scan", "uno", "sela", "cld"}
+    for name, (method, dataset) in inet.items():
+        # SCAN reads its subsets (resized); every other method the full, unresized ImageNet
+        assert (dataset != "imagenet") == (method == "scan"), name

@@ -277,8 +277,9 @@ def test_stage_two_refuses_a_checkpoint_of_another_encoder(digits_run, tmp_path)
 
 # ------------------------------------------------------------------------ paper code paths
 def datafab_labels(exp_name: str) -> list[int]:
-    """The labels of the fabricated train split (tests/data/datafab.py)."""
-    return [3, 1, 4, 1, 5, 9, 2, 6, 5, 3] if "cifar10" in exp_name else [0, 9, 4, 2]
+    """The labels of the split stage 2 trains on (tests/data/datafab.py): CIFAR-10's train split,
+    STL-10's train + test (the paper's 13,000 labelled images, AUDIT A3)."""
+    return [3, 1, 4, 1, 5, 9, 2, 6, 5, 3] if "cifar10" in exp_name else [0, 9, 4, 2] + [5, 1, 0]
 
 
 @pytest.mark.parametrize("exp_name,write,patch,n_bank", [
@@ -305,12 +306,16 @@ def test_paper_path_on_fabricated_files(tmp_path, monkeypatch, exp_name, write, 
     assert s1["arch"]["memory_size"] == n_bank and s1["state_dict"]["memory"].shape == (n_bank, 128)
     assert s1["arch"]["split"] == ("train+unlabeled" if "stl" in exp_name else "train")
     run_twostage(ctx("twostage"), run / "superand/model.ckpt", run / "twostage/model.ckpt")
+    s2 = load_model(run / "twostage/model.ckpt")
+    assert s2["arch"]["split"] == ("train+test" if "stl" in exp_name else "train")
     for stage in ("superand", "twostage"):
         rows = evaluate(ctx(stage), run / stage / "model.ckpt", run / stage / "metrics.json")
         assert rows and all(r["dataset"] == cfg["dataset"] for r in rows)
         assert all(0 <= r["value"] <= 1 for r in rows if r["metric"] in ("acc", "nmi", "knn_top1"))
     conf = json.loads((run / "twostage/metrics.json").read_text())["confusion"]
     train_classes = len(set(datafab_labels(exp_name)))
+    # the "train" metrics score the images stage 2 trained on: on STL-10 the 6 classes of train + test
+    # (train alone has 4)
     assert conf["split"] == "train" and np.asarray(conf["matrix"]).shape == (train_classes, train_classes)
 
 
