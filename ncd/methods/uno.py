@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from ncd.checkpoint import load_model, save_model
@@ -84,6 +84,50 @@ class Relabeled(Dataset):
         return (views if len(views) > 1 else views[0]), int(self.targets[i]), i
 
 
+class Paired(Dataset):
+    """UNO's ImageNet discovery set (``DiscoverDataset`` in utils/data.py of UNO): item ``i`` is the pair
+    (``labeled[i % L]``, ``unlabeled[i % U]``) and the length is ``max(L, U)``, so one epoch is one pass
+    over the larger subset (the known classes on ImageNet) while the smaller one is cycled by index."""
+
+    def __init__(self, labeled: Dataset, unlabeled: Dataset) -> None:
+        if not len(labeled) or not len(unlabeled):
+            raise NcdError(f"paired discovery batches need known- and novel-class training images; got "
+                           f"{len(labeled)} known and {len(unlabeled)} novel")
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __len__(self) -> int:
+        return max(len(self.labeled), len(self.unlabeled))
+
+    def __getitem__(self, i: int):
+        return self.labeled[i % len(self.labeled)], self.unlabeled[i % len(self.unlabeled)]
+
+
+def collate_paired(items: list) -> tuple:
+    """A batch of n :class:`Paired` items → one batch of 2n rows, the n labeled rows first: per crop
+    ``cat(views_lab, views_unlab)``, the same for the targets (``unpack_batch`` of UNO's main_discover.py,
+    done here so that the step, the logs and the throughput probes see one ordinary batch). The third
+    column is each row's index within its own subset (known or novel)."""
+    lab = default_collate([a for a, _ in items])
+    unlab = default_collate([b for _, b in items])
+    views = (torch.cat([lab[0], unlab[0]]) if isinstance(lab[0], torch.Tensor)
+             else [torch.cat([vl, vu]) for vl, vu in zip(lab[0], unlab[0])])
+    return views, torch.cat([lab[1], unlab[1]]), torch.cat([lab[2], unlab[2]])
+
+
+BATCHING = ("auto", "mixed", "paired")
+
+
+def resolve_batching(dataset: str, batching: str = "auto") -> str:
+    """``mixed`` (one shuffled loader over all classes, as UNO's CIFAR data module) or ``paired`` (half known,
+    half novel per step, as its ImageNet one); ``auto`` picks what the official code does for the dataset:
+    ``get_datamodule`` in utils/data.py of UNO switches on ``dataset == "ImageNet"``."""
+    if batching not in BATCHING:
+        raise NcdError(f"discover.batching must be one of {list(BATCHING)}, got {batching!r}")
+    if batching != "auto":
+        return batching
+    return "paired" if str(dataset).startswith("imagenet") else "mixed"
+
+
 def _optim(module: L.LightningModule, cfg: dict[str, Any]):
     opt = build_optimizer(module.parameters(), cfg["optimizer"])
     sched = build_scheduler(opt, cfg.get("scheduler", {}), int(cfg["epochs"]))
@@ -113,7 +157,9 @@ class UNOPretrain(L.LightningModule):
 
 class UNODiscover(L.LightningModule):
     """The unified objective; the best head is the one with the smallest summed cluster loss
-    over the (last) training epoch."""
+    over the (last) training epoch. A batch is ``(views, targets, index)`` from either batching:
+    paired batches arrive already concatenated (labeled rows first) by :func:`collate_paired`, and
+    ``uno_loss`` runs Sinkhorn on the rows whose target is a novel class only."""
 
     def __init__(self, model: MultiHeadModel, cfg: dict[str, Any], num_labeled: int) -> None:
         super().__init__()
@@ -179,8 +225,36 @@ def run_pretrain_supervised(ctx: RunContext, out: Path) -> None:
                                      ctx.meta(known=known, novel=novel)))
 
 
+def discover_loader(ctx: RunContext, base: Dataset, known: list[int], novel: list[int],
+                    transforms: list) -> tuple[DataLoader, str]:
+    """The discovery training loader (per device) and a description for the log.
+
+    ``mixed``: one shuffled loader over the images of every known and novel class, ``batch_size`` rows per
+    step (UNO's ``DiscoverCIFARDataModule``). ``paired``: :class:`Paired` over the known- and novel-class
+    subsets with ``batch_size // 2`` pairs, shuffled, last partial batch dropped, so each step has
+    ``batch_size // 2`` known and as many novel rows (UNO's ``DiscoverImageNetDataModule.train_dataloader``,
+    per GPU: ``--batch_size 256`` gives 128 + 128); under DDP Lightning swaps in a DistributedSampler over
+    the pairs, as PL 1.1 did."""
+    sc = ctx.stage_cfg
+    bs = int(sc["batch_size"])
+    if resolve_batching(ctx.cfg["dataset"], sc.get("batching", "auto")) == "mixed":
+        ds = Relabeled(base, known, novel, transforms)
+        return make_loader(ds, bs, ctx, train=True), f"mixed batches of {bs} from {len(ds)} images"
+    if bs < 2:
+        raise NcdError(f"discover.batch_size {bs} is too small for paired batches (half known, half novel); "
+                       f"expected at least 2")
+    lab = Relabeled(base, known, novel, transforms, classes="known")
+    unlab = Relabeled(base, known, novel, transforms, classes="novel")
+    loader = make_loader(Paired(lab, unlab), bs // 2, ctx, train=True)
+    # a public DataLoader attribute: Lightning carries it over when it rebuilds the loader for DDP
+    loader.collate_fn = collate_paired
+    return loader, (f"paired batches of {bs // 2} known + {bs // 2} novel rows from {len(lab)} known and "
+                    f"{len(unlab)} novel images (the smaller set cycled)")
+
+
 def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
-    """Discovery on the whole train split (known and novel classes mixed), from the pretrained encoder."""
+    """Discovery from the pretrained encoder on the known- and novel-class train images, in mixed or
+    paired batches (``discover.batching``, :func:`discover_loader`)."""
     sc = ctx.stage_cfg
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
@@ -197,12 +271,12 @@ def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
         raise NcdError(f"UNO pretraining checkpoint {pretrain_ckpt} does not fit: missing "
                        f"{[k for k in result.missing_keys if 'unlab' not in k][:3]}, unexpected {result.unexpected_keys[:3]}")
     small = int(sc.get("num_small_crops", 2)) if sc.get("multicrop", False) else 0
-    ds = Relabeled(build_dataset(dataset, ctx.data_root, info.train_split), known, novel,
-                   _transforms(ctx, info, sc, small))
+    loader, batches = discover_loader(ctx, build_dataset(dataset, ctx.data_root, info.train_split), known, novel,
+                                      _transforms(ctx, info, sc, small))
     module = UNODiscover(model, sc, len(known))
-    log.info("UNO discovery on %s: %d known + %d novel classes, %d images, %d heads, %d small crops, %d epochs",
-             dataset, len(known), len(novel), len(ds), arch["num_heads"], small, sc["epochs"])
-    trainer = fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
+    log.info("UNO discovery on %s: %d known + %d novel classes, %s, %d heads, %d small crops, %d epochs",
+             dataset, len(known), len(novel), batches, arch["num_heads"], small, sc["epochs"])
+    trainer = fit(module, loader, ctx, int(sc["epochs"]))
     # every rank summed the loss of its own share of the epoch: the head is chosen on the total
     local = module.loss_per_head.clone()
     if trainer.world_size > 1:

@@ -6,15 +6,21 @@ import math
 import sys
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ncd.checkpoint import load_model
-from ncd.config import load_config, resolve_experiment
+from ncd.config import check_experiment, load_config, resolve_experiment
+from ncd.data import build_dataset, get_info
+from ncd.data.uno import build_uno_transform
+from ncd.errors import NcdError, Preempted
+from ncd.methods import common
 from ncd.methods.evaluate import evaluate
 from ncd.methods.common import RunContext, build_optimizer, build_scheduler
-from ncd.methods.uno import run_discover, run_pretrain_supervised
+from ncd.methods.uno import discover_loader, resolve_batching, run_discover, run_pretrain_supervised
 from ncd.models import build_backbone, model_from_arch
 from ncd.models.uno import MultiHeadModel
 
@@ -104,3 +110,134 @@ def test_discover_starts_from_the_pretrained_encoder(tmp_path, monkeypatch):
     post = torch.load(run / "discover/model.ckpt", weights_only=True)["state_dict"]
     assert torch.allclose(pre["backbone.conv1.weight"], post["backbone.conv1.weight"])
     assert torch.allclose(pre["head_lab.prototypes.weight"], post["head_lab.prototypes.weight"], atol=1e-6)
+
+
+# --- discovery batches: mixed (UNO's CIFAR data module) or paired (its ImageNet one) ------------------
+
+KNOWN, NOVEL = list(range(8)), [8, 9]   # a fabricated 8/2 split of digits: ~4 known images per novel one
+
+
+class _Batches(L.Callback):
+    """Records every training batch's targets, subset indices and view sizes."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        views = batch[0] if isinstance(batch[0], (list, tuple)) else [batch[0]]
+        self.seen.append((batch[1].clone(), batch[2].clone(), [int(v.shape[0]) for v in views]))
+
+
+def _digits_cfg(batching: str, batch_size: int = 64) -> dict:
+    cfg = resolve_experiment(load_config([ROOT / "config.yaml"]), "uno_digits")
+    cfg["split"] = {"known": KNOWN, "novel": NOVEL}
+    cfg["runtime"].update(accelerator="cpu", devices=1, num_workers=0)
+    cfg["pretrain_supervised"].update(epochs=1, batch_size=128)
+    cfg["discover"].update(epochs=1, batch_size=batch_size, num_heads=1, hidden_dim=16, proj_dim=8, batching=batching)
+    return check_experiment("uno_digits", cfg)  # the split and the key pass the schema
+
+
+def _train_counts() -> tuple[int, int]:
+    y = np.asarray(build_dataset("digits", Path("."), "train").targets)
+    return int(np.isin(y, KNOWN).sum()), int(np.isin(y, NOVEL).sum())
+
+
+@pytest.fixture(scope="module")
+def digits_pretrained(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uno_digits_pre")
+    run_pretrain_supervised(RunContext("uno_digits", 0, "pretrain_supervised", _digits_cfg("auto"), run, run),
+                            run / "model.ckpt")
+    return run / "model.ckpt"
+
+
+def _discover(tmp_path: Path, pre: Path, cfg: dict, monkeypatch) -> _Batches:
+    rec = _Batches()
+    monkeypatch.setattr(common, "EXTRA_CALLBACKS", [lambda: rec])
+    out = tmp_path / "discover"
+    out.mkdir(exist_ok=True)
+    L.seed_everything(0)
+    run_discover(RunContext("uno_digits", 0, "discover", cfg, tmp_path, out), pre, out / "model.ckpt")
+    return rec
+
+
+def test_paired_batches_pair_known_with_cycled_novel_images(tmp_path, monkeypatch, digits_pretrained):
+    """UNO's ImageNet batching: every step has b/2 known then b/2 novel rows, an epoch is one pass over
+    the known images, and novel image i mod U rides with known image i (DiscoverDataset)."""
+    b, (n_known, n_novel) = 64, _train_counts()
+    rec = _discover(tmp_path, digits_pretrained, _digits_cfg("paired", b), monkeypatch)
+    assert len(rec.seen) == n_known // (b // 2)  # one pass over the labeled images, last partial pair batch dropped
+    lab_idx, unlab_idx = [], []
+    for y, idx, sizes in rec.seen:
+        assert sizes == [b, b] and y.shape == (b,)
+        assert bool((y[: b // 2] < len(KNOWN)).all()) and bool((y[b // 2:] >= len(KNOWN)).all())
+        lab_idx.append(idx[: b // 2])
+        unlab_idx.append(idx[b // 2:])
+    lab, unlab = torch.cat(lab_idx), torch.cat(unlab_idx)
+    assert len(set(lab.tolist())) == len(lab)  # no known image twice in the epoch
+    assert torch.equal(unlab, lab % n_novel)  # the novel subset cycled by index
+    counts = torch.bincount(unlab, minlength=n_novel)
+    assert int(counts.min()) >= 1 and int(counts.max()) >= n_known // n_novel  # each novel image seen ~L/U times
+    assert (tmp_path / "discover/model.ckpt").is_file()
+
+
+def test_mixed_batches_are_unchanged(tmp_path, monkeypatch, digits_pretrained):
+    """auto on digits = mixed: b rows per step from one shuffled loader over all classes."""
+    b, (n_known, n_novel) = 64, _train_counts()
+    rec = _discover(tmp_path, digits_pretrained, _digits_cfg("auto", b), monkeypatch)
+    assert len(rec.seen) == (n_known + n_novel) // b
+    idx = torch.cat([i for _, i, _ in rec.seen])
+    assert len(set(idx.tolist())) == len(idx)  # indices into one set of all train images, each once
+    assert all(sizes == [b, b] for _, _, sizes in rec.seen)
+    known_per_batch = {int((y < len(KNOWN)).sum()) for y, _, _ in rec.seen}
+    assert known_per_batch != {b // 2}  # the share of novel rows varies from batch to batch
+
+
+def test_paired_discovery_resumes_mid_epoch(tmp_path, monkeypatch, digits_pretrained):
+    b, (n_known, _) = 64, _train_counts()
+    cfg = _digits_cfg("paired", b)
+    monkeypatch.setenv(common.SIGNAL_AT_STEP, "3")
+    with pytest.raises(Preempted):
+        _discover(tmp_path, digits_pretrained, cfg, monkeypatch)
+    assert (tmp_path / "discover/last.ckpt").is_file()
+    monkeypatch.delenv(common.SIGNAL_AT_STEP)
+    rec = _discover(tmp_path, digits_pretrained, cfg, monkeypatch)
+    assert 3 + len(rec.seen) == n_known // (b // 2)  # the rest of the epoch, in paired batches
+    assert all(bool((y[: b // 2] < len(KNOWN)).all()) and bool((y[b // 2:] >= len(KNOWN)).all()) for y, _, _ in rec.seen)
+    assert (tmp_path / "discover/model.ckpt").is_file()
+
+
+def test_batching_auto_follows_the_dataset():
+    assert resolve_batching("imagenet") == "paired" and resolve_batching("imagenet", "auto") == "paired"
+    assert resolve_batching("digits") == "mixed" and resolve_batching("cifar100", "auto") == "mixed"
+    assert resolve_batching("imagenet", "mixed") == "mixed" and resolve_batching("digits", "paired") == "paired"
+    with pytest.raises(NcdError, match="'zipped'"):
+        resolve_batching("imagenet", "zipped")
+    cfg = _digits_cfg("auto")
+    cfg["discover"]["batching"] = "zipped"
+    with pytest.raises(NcdError, match="zipped"):
+        check_experiment("uno_digits", cfg)
+
+
+def test_paired_loader_under_ddp_keeps_half_and_half_per_device(tmp_path):
+    """Lightning rebuilds the train loader with a DistributedSampler per rank (as PL 1.1 did for UNO): each
+    rank then gets batches of b/2 known + b/2 novel rows (the per-GPU sizes of --batch_size b) over its half
+    of the pairs. The rebuild is Lightning's own function; no process group is needed for it."""
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    b, (n_known, _) = 16, _train_counts()
+    cfg = _digits_cfg("paired", b)
+    ctx = RunContext("uno_digits", 0, "discover", cfg, tmp_path, tmp_path)
+    info = get_info("digits")
+    t = build_uno_transform("eval", info)
+    loader, _ = discover_loader(ctx, build_dataset("digits", tmp_path, "train"), KNOWN, NOVEL, [t, t])
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        per_rank = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+        assert per_rank.batch_size == b // 2 and per_rank.drop_last
+        batches = list(per_rank)
+        assert len(batches) == math.ceil(n_known / 2) // (b // 2)
+        for views, y, _ in batches:
+            assert [v.shape[0] for v in views] == [b, b]
+            assert int((y < len(KNOWN)).sum()) == b // 2 and int((y >= len(KNOWN)).sum()) == b // 2
