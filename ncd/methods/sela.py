@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
+from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -30,7 +32,7 @@ from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.knn import weighted_knn
 from ncd.eval.linear_probe import linear_probe
 from ncd.eval.metrics import clustering_metrics
-from ncd.eval.rows import Row, confusion_of, head_rows
+from ncd.eval.rows import Row, confusion_of, head_rows, selected_on_test
 from ncd.losses.sela import label_step_plan, sela_cost, sela_label_step
 from ncd.methods.common import (
     RunContext,
@@ -133,12 +135,21 @@ class SeLaModule(L.LightningModule):
     ``on_train_batch_start`` on the schedule of :func:`label_step_times`.
 
     ``label_loader`` iterates the training images with the training augmentation (the official code
-    collects the outputs for Sinkhorn-Knopp through its training loader) in a fixed order.
+    collects the outputs for Sinkhorn-Knopp through its training loader), shuffled as that loader is
+    (:func:`label_loader`); the features are stored by the dataset index each batch carries.
     The number of label steps done and the per-head loss sums live in buffers, so a resumed run
     continues the schedule and the head selection where it stopped.
+
+    With ``knn_monitor.enabled`` (cifar.py), the validation loop gets two loaders, the train images
+    and the test images (both with the val transform), and after every epoch the weighted kNN of the
+    test images against the train images is computed; the best epoch's values live in buffers
+    (``knn_best*``), so they travel in last.ckpt and a resumed run keeps them. ``num_classes`` is the
+    kNN's class count (0: the largest train label + 1, as cifar_utils.kNN), ``knn_pca`` the PCA of
+    the value reported for the best epoch.
     """
 
-    def __init__(self, model: SeLaModel, cfg: dict[str, Any], label_loader: DataLoader, batch_size: int) -> None:
+    def __init__(self, model: SeLaModel, cfg: dict[str, Any], label_loader: DataLoader, batch_size: int, *,
+                 num_classes: int = 0, knn_pca: int = 0) -> None:
         super().__init__()
         self.model, self.cfg, self.label_loader, self.batch_size = model, cfg, label_loader, int(batch_size)
         n = model.labels.shape[1]
@@ -149,11 +160,18 @@ class SeLaModule(L.LightningModule):
         self.register_buffer("loss_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("loss_epoch", torch.full((), -1, dtype=torch.long))  # the epoch loss_sum belongs to
         self.label_log: list[dict[str, Any]] = []
+        self.num_classes, self.knn_pca = int(num_classes), int(knn_pca)
+        # the kNN monitor's best epoch: its selection value (no PCA), the reported value (after knn_pca), the epoch
+        self.register_buffer("knn_best_select", torch.full((), -1.0, dtype=torch.float64))
+        self.register_buffer("knn_best_top1", torch.full((), -1.0, dtype=torch.float64))
+        self.register_buffer("knn_best_epoch", torch.full((), -1, dtype=torch.long))
+        self._val_parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     # -- label step ---------------------------------------------------------------------------
     @torch.no_grad()
     def collect_features(self) -> torch.Tensor:
-        """Penultimate features of every training image (float32, CPU, dataset order)."""
+        """Penultimate features of every training image (float32, CPU), row ``i`` = dataset index ``i``
+        whatever order the label loader reads them in (main.py/cifar.py: ``PS[_selected, :] = ...``)."""
         n = self.model.labels.shape[1]
         feats = torch.empty(n, self.model.backbone_dim, dtype=torch.float32)
         was_training = self.model.training
@@ -224,6 +242,49 @@ class SeLaModule(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return loss
 
+    # -- kNN monitor (cifar.py: kNN(model, trainloader, testloader, K=10, sigma=0.1) after every epoch) --------
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # dataloader 0: the train images (cifar_utils.kNN swaps in the test transform), 1: the test images;
+        # Lightning runs this in eval mode (kNN calls net.eval()) without gradients
+        x, y, idx = batch
+        self._val_parts.setdefault(dataloader_idx, []).append(
+            (self.model.backbone(x).float().cpu(), torch.as_tensor(y).cpu(), torch.as_tensor(idx).cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        parts, self._val_parts = self._val_parts, {}
+        if set(parts) != {0, 1}:
+            return
+        (bank, bank_y), (test, test_y) = _by_index(parts[0]), _by_index(parts[1])
+        top1 = self._knn(bank, bank_y, test, test_y, pca=0)
+        self.log("val/knn_top1", top1)
+        # cifar.py keeps best_ckpt.t7 when acc > best_acc (ties keep the earlier epoch) and reports the kNN
+        # after PCA (use_pca=True: 128 components) of that checkpoint: computed here, when the epoch becomes best
+        if top1 > float(self.knn_best_select):
+            report = self._knn(bank, bank_y, test, test_y, pca=self.knn_pca) if self.knn_pca else top1
+            self.knn_best_select.fill_(top1)
+            self.knn_best_top1.fill_(report)
+            self.knn_best_epoch.fill_(self.current_epoch)
+            log.info("kNN monitor: epoch %d is the best so far, kNN top-1 %.4f (reported, PCA %d: %.4f)",
+                     self.current_epoch + 1, top1, self.knn_pca, report)
+
+    def _knn(self, bank: torch.Tensor, bank_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor,
+             pca: int) -> float:
+        mon = self.cfg["knn_monitor"]
+        a, b = _knn_features(bank, test, pca)
+        c = self.num_classes or int(bank_y.max()) + 1
+        res = weighted_knn(a.to(self.device), bank_y, b.to(self.device), test_y, c, k=min(int(mon["k"]), len(a)),
+                           sigma=float(mon["sigma"]))
+        return float(res["top1"])
+
+    def knn_monitor_meta(self) -> dict[str, Any] | None:
+        """The monitor's best epoch for the checkpoint meta (``None`` when it never ran)."""
+        if int(self.knn_best_epoch) < 0:
+            return None
+        mon = self.cfg["knn_monitor"]
+        return {"best_top1": float(self.knn_best_top1), "best_select_top1": float(self.knn_best_select),
+                "best_epoch": int(self.knn_best_epoch) + 1, "k": int(mon["k"]), "sigma": float(mon["sigma"]),
+                "pca": self.knn_pca}
+
     def head_losses(self) -> list[float]:
         """Mean training loss per head over the current (after training: the last) epoch."""
         return [float(v) / max(1, int(self.loss_batches)) for v in self.loss_sum]
@@ -240,7 +301,41 @@ class SeLaModule(L.LightningModule):
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
+def _by_index(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of validation batches ``(features, labels, index)``, in dataset-index order."""
+    feats, ys, idx = (torch.cat(p) for p in zip(*parts))
+    order = torch.argsort(idx)
+    return feats[order], ys[order]
+
+
 # ------------------------------------------------------------------------------------ stage
+def label_batch_size(sc: dict[str, Any]) -> int:
+    """The label pass's batch size: ``eval_batch_size``, or with 0 the training batch size (main.py's
+    ``pseudo_loader`` is its ``train_loader``; cifar.py's ``opt_sk`` iterates ``trainloader``)."""
+    return int(sc["eval_batch_size"]) or int(sc["batch_size"])
+
+
+def label_loader(ds, ctx: RunContext) -> DataLoader:
+    """The loader of the label step's pass over the training images ``ds`` (training augmentation).
+
+    As the official code's (main.py: ``self.pseudo_loader = t_loader``, data.py ``get_aug_dataloader``
+    with ``shuffle=True, drop_last=False``; cifar.py: ``opt_sk`` reads the shuffled ``trainloader``),
+    it is shuffled (``label_pass_shuffle``) and keeps the last partial batch: in train mode BatchNorm
+    normalises each batch by its own statistics, so on a class-sorted dataset (ImageNet) a
+    dataset-order pass would feed batches of one class. Features are stored by index.
+    """
+    sc = ctx.cfg["sela"]
+    return make_loader(ds, label_batch_size(sc), ctx, train=False, shuffle=bool(sc["label_pass_shuffle"]),
+                       drop_last=False)
+
+
+def _check_last_batch(n: int, batch_size: int, what: str, key: str) -> None:
+    """A train-mode BatchNorm cannot normalise a batch of one image: refuse the batch size that leaves one."""
+    if n > 1 and n % batch_size == 1:
+        raise NcdError(f"sela.{key} {batch_size} leaves a last {what} batch of 1 of the {n} training images, which "
+                       f"BatchNorm in train mode cannot normalise; expected a batch size with n % batch_size != 1")
+
+
 def sela_arch(ctx: RunContext, info, dim: int, n: int) -> dict[str, Any]:
     sc = ctx.cfg["sela"]
     return base_arch(ctx, "sela", info.channels, dim, num_heads=int(sc["num_heads"]),
@@ -261,18 +356,44 @@ def run_sela(ctx: RunContext, out: Path) -> None:
     model.labels.copy_(initial_labels(arch["num_heads"], n, arch["num_clusters"], ctx.seed))
     plan = label_step_plan(n, arch["num_clusters"], float(sc["label_step"]["memory_mb"]), sc["label_step"]["storage"], dim)
     ds = Transformed(base, _transform(ctx, info, "train"))
-    module = SeLaModule(model, sc, make_loader(ds, int(sc["eval_batch_size"]), ctx, train=False), int(sc["batch_size"]))
-    log.info("SeLa on %s: %d images, %d heads x %d clusters, %d epochs, %d label steps (%s, relabel %s); "
-             "label step storage %s, about %.0f MB", dataset, n, arch["num_heads"], arch["num_clusters"], sc["epochs"],
-             len(module.times), sc["label_schedule"], sc["relabel"], plan["storage"], plan["bytes"] / 2**20)
-    fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
+    bs, drop_last = int(sc["batch_size"]), bool(sc["drop_last"])
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and not drop_last:
+        _check_last_batch(n, bs, "training", "batch_size")
+    if has_bn and sc["label_pass_mode"] == "train":
+        _check_last_batch(n, label_batch_size(sc), "label-pass", "eval_batch_size")
+    mon = sc["knn_monitor"]
+    module = SeLaModule(model, sc, label_loader(ds, ctx), bs, num_classes=info.num_classes,
+                        knn_pca=int(sc.get("knn_pca", 0)))
+    # official loaders keep the last partial batch (ceil(N / B) steps per epoch; CIFAR-10 at 128: 391), and the
+    # label schedule counts every one of them (niter = epoch * len(loader) + iter)
+    train_loader = make_loader(ds, bs, ctx, train=True, drop_last=drop_last)
+    val = None
+    if mon["enabled"]:
+        tf = _transform(ctx, info, "val")
+        test = build_dataset(dataset, ctx.data_root, info.test_split)
+        val = [make_loader(Transformed(base, tf), int(mon["batch_size"]), ctx, train=False),
+               make_loader(Transformed(test, tf), int(mon["batch_size"]), ctx, train=False)]
+    log.info("SeLa on %s: %d images, %d heads x %d clusters, %d epochs of %d steps, %d label steps (%s, relabel %s; "
+             "label pass batch %d); label step storage %s, about %.0f MB; kNN monitor %s", dataset, n,
+             arch["num_heads"], arch["num_clusters"], sc["epochs"], len(train_loader), len(module.times),
+             sc["label_schedule"], sc["relabel"], label_batch_size(sc), plan["storage"], plan["bytes"] / 2**20,
+             "on" if val else "off")
+    with warnings.catch_warnings():  # without the monitor, Lightning notes the unused validation_step
+        warnings.filterwarnings("ignore", message=r".*validation_step.*no `val_dataloader`")
+        fit(module, train_loader, ctx, int(sc["epochs"]), val)
     losses = module.head_losses()
     best = int(np.argmin(losses))
     log.info("SeLa best head %d (mean training loss of the last epoch per head: %s)", best,
              [round(v, 4) for v in losses])
+    monitor = module.knn_monitor_meta()
+    if monitor is not None:
+        log.info("SeLa kNN monitor: best epoch %d, kNN top-1 %.4f (selection value %.4f)", monitor["best_epoch"],
+                 monitor["best_top1"], monitor["best_select_top1"])
     save_model(out, model.state_dict(), arch,
                ctx.meta(best_head=best, head_losses=losses, label_steps=int(module.steps_done),
-                        label_log=module.label_log[-2 * arch["num_heads"]:]))
+                        label_log=module.label_log[-2 * arch["num_heads"]:],
+                        **({"knn_monitor": monitor} if monitor is not None else {})))
     finish(ctx)
 
 
@@ -295,6 +416,8 @@ def evaluate_sela(ctx: RunContext, blob: dict, device: torch.device) -> tuple[li
       for ImageNet: the pseudo-labels, not the heads' predictions).
     * test, head best: ``knn_top1`` (weighted kNN on the L2-normalised penultimate features, bank = train
       split) and ``linear_top1`` (a linear probe on the frozen penultimate features) when enabled.
+    * test, head best: ``knn_top1_selected_on_test``, the kNN of the best epoch of the training stage's
+      kNN monitor (``knn_monitor``; cifar.py reports this one), when the checkpoint carries it.
     """
     sc, ev = ctx.cfg["sela"], ctx.cfg["evaluate"]
     model: SeLaModel = restore(blob, device)
@@ -340,6 +463,10 @@ def evaluate_sela(ctx: RunContext, blob: dict, device: torch.device) -> tuple[li
     knn = weighted_knn(a.to(device), y_tr, b.to(device), y_te, info.num_classes, k=min(k, len(a)),
                        sigma=float(ev["knn_sigma"]))
     rows.append(("test", "best", "knn_top1", float(knn["top1"])))
+    monitor = blob["meta"].get("knn_monitor")
+    if monitor:
+        # cifar.py's reported number: the kNN of the epoch with the best test kNN (selected on the test split)
+        rows.append(("test", "best", selected_on_test("knn_top1"), float(monitor["best_top1"])))
     lp = sc.get("linear_probe", {})
     if lp.get("enabled", True):
         opts = {key: v for key, v in lp.items() if key != "enabled"}

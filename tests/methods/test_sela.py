@@ -3,6 +3,8 @@ fabricated files."""
 
 from __future__ import annotations
 
+import csv
+import math
 import sys
 from pathlib import Path
 
@@ -10,18 +12,24 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+from torch.utils.data import Dataset, RandomSampler, SequentialSampler
+
 from ncd.checkpoint import load_model
 from ncd.config import load_config, resolve_experiment
 from ncd.errors import NcdError
 from ncd.methods.evaluate import evaluate
 from ncd.methods import sela as S
+from ncd.eval.rows import selected_on_test
 from ncd.methods.common import RunContext
+from ncd.models.sela import SeLaModel
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "data"))
 import datafab  # noqa: E402
 
 N_DIGITS_TRAIN = 1257
+BATCHES_256 = math.ceil(N_DIGITS_TRAIN / 256)  # 5: the official loaders keep the last partial batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -92,6 +100,9 @@ def test_sela_digits_stage_and_evaluation(tmp_path, monkeypatch):
 
     def counting(self):
         calls.append(self.trainer.global_step)
+        # the label pass reads the training images shuffled, at eval_batch_size, keeping the last batch
+        assert isinstance(self.label_loader.sampler, RandomSampler) and not self.label_loader.drop_last
+        assert self.label_loader.batch_size == 512
         return collect(self)
 
     monkeypatch.setattr(S.SeLaModule, "collect_features", counting)
@@ -102,9 +113,9 @@ def test_sela_digits_stage_and_evaluation(tmp_path, monkeypatch):
     assert (arch["num_heads"], arch["num_clusters"], arch["num_samples"]) == (2, 10, N_DIGITS_TRAIN)
     labels = blob["state_dict"]["labels"]
     assert labels.shape == (2, N_DIGITS_TRAIN) and int(labels.min()) >= 0 and int(labels.max()) < 10
-    # the label steps fire where the official loop fires them (4 batches per epoch with drop_last)
+    # the label steps fire where the official loop fires them (5 batches per epoch, the last one partial)
     times = S.label_step_times("quadratic", 4, 2, N_DIGITS_TRAIN)
-    want = official_fire_batches(2, N_DIGITS_TRAIN, 256, N_DIGITS_TRAIN // 256, times)
+    want = official_fire_batches(2, N_DIGITS_TRAIN, 256, BATCHES_256, times)
     assert calls == want and meta["label_steps"] == len(want) >= 2
     # one pass over the images per label step, every head relabelled from the stored features
     assert [e["head"] for e in meta["label_log"]] == [0, 1] * (len(meta["label_log"]) // 2)
@@ -118,6 +129,7 @@ def test_sela_digits_stage_and_evaluation(tmp_path, monkeypatch):
             for m in ("acc", "nmi", "ami", "ari"):
                 assert (split, h, m) in got
     assert ("test", "best", "knn_top1") in got and ("test", "best", "linear_top1") in got
+    assert not any(m == selected_on_test("knn_top1") for _, _, m in got)  # the kNN monitor is off by default
     assert all(r["method"] == "sela" and r["stage"] == "sela" and r["dataset"] == "digits" for r in rows)
     assert all(0 <= v <= 1 for (s, h, m), v in got.items() if m != "ari")
     b = str(meta["best_head"])
@@ -180,7 +192,7 @@ def test_killed_run_resumes_with_the_same_labels(tmp_path, monkeypatch):
     assert torch.equal(seen["labels"], saved_labels)
     meta = load_model(ctx.out_dir / "model.ckpt")["meta"]
     times = S.label_step_times("quadratic", 6, 3, N_DIGITS_TRAIN)
-    assert meta["label_steps"] == len(official_fire_batches(3, N_DIGITS_TRAIN, 256, N_DIGITS_TRAIN // 256, times))
+    assert meta["label_steps"] == len(official_fire_batches(3, N_DIGITS_TRAIN, 256, BATCHES_256, times))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -245,3 +257,148 @@ def test_sela_cifar10_paper_path_on_fabricated_files(tmp_path, monkeypatch):
     rows = evaluate(ctx, run / "model.ckpt", run / "metrics.json")
     got = {(r["split"], r["head"], r["metric"]) for r in rows}
     assert {("test", "best", "knn_top1"), ("test", "best", "linear_top1"), ("train", "best", "ami")} <= got
+
+
+# ------------------------------------------------------------------ A2: the label pass reads shuffled images
+class _ClassSorted(Dataset):
+    """``n`` images sorted by class (as ImageNet's folders): image ``i`` is filled with the value ``i``."""
+
+    def __init__(self, n: int, classes: int = 10) -> None:
+        self.n, self.classes = n, classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((1, 2, 2), float(i)), i * self.classes // self.n, i
+
+
+class _Encode(nn.Module):
+    """Features ``[i, -i]`` for image ``i``; remembers the order in which it saw the images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.flatten(1)[:, :1]
+        self.seen += v[:, 0].long().tolist()
+        return torch.cat([v, -v], 1)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_label_pass_reads_shuffled_images_and_stores_them_by_index(tmp_path, shuffle):
+    n = 100
+    cfg = _digits_cfg(batch_size=16, eval_batch_size=0, label_pass_shuffle=shuffle)
+    ctx = _ctx(tmp_path, cfg)
+    loader = S.label_loader(_ClassSorted(n), ctx)
+    # eval_batch_size 0: the training batch size (the official pass reads the training loader), last batch kept
+    assert loader.batch_size == 16 and not loader.drop_last
+    assert isinstance(loader.sampler, RandomSampler if shuffle else SequentialSampler)
+    enc = _Encode()
+    module = S.SeLaModule(SeLaModel(enc, 2, 1, 3, n), cfg["sela"], loader, 16)
+    torch.manual_seed(0)
+    feats = module.collect_features()
+    # every row holds its own image's features, whatever the reading order
+    assert torch.equal(feats, torch.stack([torch.arange(n), -torch.arange(n)], 1).float())
+    assert sorted(enc.seen) == list(range(n))
+    if shuffle:
+        assert enc.seen != list(range(n))
+        # a batch mixes classes (in dataset order each batch of 16 spans at most 3 of the 10 classes)
+        assert len({i * 10 // n for i in enc.seen[:16]}) > 3
+    else:
+        assert enc.seen == list(range(n))
+
+
+# ------------------------------------------------------------------ A11: steps per epoch, label schedule
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_label_schedule_counts_the_last_partial_batch(tmp_path, monkeypatch, drop_last):
+    """cifar.py/main.py count niter = epoch * len(loader) + iter over a loader that keeps the last partial
+    batch: 1257 digits at 256 give 5 steps per epoch, and the linear schedule's 4th step fires at step 9,
+    which a drop_last loader (4 steps per epoch, 8 in all) never reaches."""
+    cfg = _digits_cfg(label_schedule="linear", nopts=6, drop_last=drop_last, linear_probe={"enabled": False})
+    calls, batches = [], []
+    collect = S.SeLaModule.collect_features
+
+    def counting(self):
+        calls.append(self.trainer.global_step)
+        batches.append(self.trainer.num_training_batches)
+        return collect(self)
+
+    monkeypatch.setattr(S.SeLaModule, "collect_features", counting)
+    ctx = _ctx(tmp_path, cfg)
+    S.run_sela(ctx, ctx.out_dir / "model.ckpt")
+    per_epoch = N_DIGITS_TRAIN // 256 if drop_last else BATCHES_256
+    times = S.label_step_times("linear", 6, 2, N_DIGITS_TRAIN)
+    assert set(batches) == {per_epoch}
+    assert calls == official_fire_batches(2, N_DIGITS_TRAIN, 256, per_epoch, times)
+    assert calls == ([0, 3, 6] if drop_last else [0, 3, 6, 9])
+    assert load_model(ctx.out_dir / "model.ckpt")["meta"]["label_steps"] == len(calls)
+
+
+def test_a_last_batch_of_one_image_is_refused(tmp_path):
+    cfg = _digits_cfg(batch_size=4, eval_batch_size=0)  # 1257 = 314 * 4 + 1
+    ctx = _ctx(tmp_path, cfg)
+    with pytest.raises(NcdError, match="sela.batch_size 4 leaves a last training batch of 1"):
+        S.run_sela(ctx, ctx.out_dir / "model.ckpt")
+    cfg["sela"].update(batch_size=256, eval_batch_size=4)
+    with pytest.raises(NcdError, match="sela.eval_batch_size 4 leaves a last label-pass batch of 1"):
+        S.run_sela(ctx, ctx.out_dir / "model.ckpt")
+
+
+# ------------------------------------------------------------------ A8: cifar.py's per-epoch kNN monitor
+def test_knn_monitor_of_one_epoch_is_the_final_models_knn(tmp_path):
+    """With one epoch the best epoch is the final model: the monitor's value (10-NN, sigma 0.1, after the
+    PCA of knn_pca) equals the evaluator's kNN of the final model, and evaluate emits it as
+    knn_top1_selected_on_test beside knn_top1."""
+    cfg = _digits_cfg(epochs=1, nopts=2, knn_pca=16, linear_probe={"enabled": False},
+                      knn_monitor={"enabled": True, "k": 10, "sigma": 0.1, "batch_size": 200})
+    cfg["evaluate"].update(knn_k=10, knn_sigma=0.1)
+    ctx = _ctx(tmp_path, cfg)
+    S.run_sela(ctx, ctx.out_dir / "model.ckpt")
+    mon = load_model(ctx.out_dir / "model.ckpt")["meta"]["knn_monitor"]
+    assert mon["best_epoch"] == 1 and mon["pca"] == 16 and (mon["k"], mon["sigma"]) == (10, 0.1)
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
+    got = {(r["split"], r["head"], r["metric"]): r["value"] for r in rows}
+    sel = got[("test", "best", selected_on_test("knn_top1"))]
+    assert sel == mon["best_top1"] and 0.1 < sel <= 1
+    assert sel == pytest.approx(got[("test", "best", "knn_top1")], abs=2 / 540)  # up to near-tie flips
+
+
+def test_knn_monitor_keeps_its_best_epoch_across_a_resume(tmp_path, monkeypatch):
+    cfg = _digits_cfg(epochs=3, nopts=4, linear_probe={"enabled": False},
+                      knn_monitor={"enabled": True, "k": 10, "sigma": 0.1, "batch_size": 600})
+    ctx = _ctx(tmp_path, cfg)
+    start = S.SeLaModule.on_train_epoch_start
+
+    def die_at_epoch_3(self):
+        if self.current_epoch == 2:
+            raise Stop
+        start(self)
+
+    monkeypatch.setattr(S.SeLaModule, "on_train_epoch_start", die_at_epoch_3)
+    with pytest.raises(Stop):
+        S.run_sela(ctx, ctx.out_dir / "model.ckpt")
+    sd = torch.load(ctx.out_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    with (ctx.out_dir / "history.csv").open() as f:
+        first = [float(r["val_knn_top1"]) for r in csv.DictReader(f)]
+    # last.ckpt of epoch 2 already holds the best of epochs 1-2 (validation runs before the epoch-end save)
+    assert len(first) == 2 and float(sd["knn_best_select"]) == pytest.approx(max(first))
+    assert int(sd["knn_best_epoch"]) == int(np.argmax(first))
+    monkeypatch.setattr(S.SeLaModule, "on_train_epoch_start", start)
+    S.run_sela(ctx, ctx.out_dir / "model.ckpt")
+    with (ctx.out_dir / "history.csv").open() as f:
+        knn = [float(r["val_knn_top1"]) for r in csv.DictReader(f)]
+    mon = load_model(ctx.out_dir / "model.ckpt")["meta"]["knn_monitor"]
+    assert len(knn) == 3 and knn[:2] == pytest.approx(first)
+    assert mon["best_select_top1"] == pytest.approx(max(knn)) and mon["best_epoch"] == int(np.argmax(knn)) + 1
+    assert mon["best_top1"] == mon["best_select_top1"]  # knn_pca 0: the reported value is the selection value
+
+
+def test_defaults_follow_the_official_loaders():
+    cfg = resolve_experiment(load_config([ROOT / "config.yaml"]), "sela_digits")
+    sc = cfg["sela"]
+    assert sc["knn_monitor"]["enabled"] is False and sc["drop_last"] is False and sc["label_pass_shuffle"] is True
+    paper = resolve_experiment(load_config([ROOT / "config.yaml", ROOT / "workflow/experiments/paper.yaml"]),
+                               "sela_imagenet_alexnet")["sela"]
+    assert S.label_batch_size(paper) == paper["batch_size"] == 256
