@@ -1,6 +1,8 @@
 """CLD's ImageNet linear probe as its own stage (METHODS.md 5.7): a linear classifier trained on the
 frozen backbone of the ``cld`` stage's model, through :func:`ncd.methods.common.fit` (per-epoch
-last.ckpt, save-and-exit on SIGUSR1/SIGTERM, resume), and its top-1 on the test split."""
+last.ckpt, save-and-exit on SIGUSR1/SIGTERM, resume), and its top-1 on the test split: the final
+model's (``linear_top1``) and, with ``validate``, the best over the epochs' validations
+(``linear_top1_selected_on_test``: MoCo's main_lincls.py reports ``best_acc1``)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ncd.data import build_dataset, get_info
 from ncd.data.cld import build_cld_transform
 from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
-from ncd.eval.rows import Row
+from ncd.eval.rows import Row, selected_on_test
 from ncd.methods.common import (
     RunContext,
     collect,
@@ -60,7 +62,13 @@ register_architecture(KIND, probe_from_arch)
 class LinearProbeModule(L.LightningModule):
     """Cross-entropy on ``fc`` over the frozen backbone: the backbone has no gradient and stays in
     eval mode (BatchNorm uses its running statistics and never updates them); SGD (momentum 0.9)
-    on ``fc`` only, the learning rate multiplied by ``gamma`` at each epoch of ``milestones``."""
+    on ``fc`` only, the learning rate multiplied by ``gamma`` at each epoch of ``milestones``.
+
+    Given a validation loader (the test split), the top-1 is measured after every epoch (MoCo
+    main_lincls.py: ``acc1 = validate(...)``, ``best_acc1 = max(acc1, best_acc1)``); the best value and
+    its epoch live in buffers, so they travel in last.ckpt and a resumed run keeps them. Under DDP each
+    rank validates a share and the shares are gathered (duplicates of the sampler's padding counted once).
+    """
 
     def __init__(self, model: ProbeModel, pc: dict[str, Any]) -> None:
         super().__init__()
@@ -68,6 +76,9 @@ class LinearProbeModule(L.LightningModule):
         for p in model.backbone.parameters():
             p.requires_grad_(False)
         model.backbone.eval()
+        self.register_buffer("best_top1", torch.full((), -1.0, dtype=torch.float64))
+        self.register_buffer("best_epoch", torch.full((), -1, dtype=torch.long))
+        self._val: list[tuple[Tensor, Tensor]] = []
 
     def train(self, mode: bool = True) -> LinearProbeModule:
         # Lightning (and DDP) may switch the whole module to train mode: the trunk stays in eval mode
@@ -90,6 +101,35 @@ class LinearProbeModule(L.LightningModule):
         self.log("train/acc", (logits.detach().argmax(1) == y).float().mean(), on_step=False, on_epoch=True,
                  batch_size=b)
         return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, idx = batch
+        y = torch.as_tensor(y, device=x.device)
+        hit = (self.model.fc(self.model.backbone(x)).argmax(1) == y).to(torch.uint8)  # uint8: NCCL gathers it
+        self._val.append((torch.as_tensor(idx, device=x.device), hit))
+
+    def on_validation_epoch_end(self) -> None:
+        parts, self._val = self._val, []
+        if not parts:
+            return
+        idx, hit = (torch.cat(p) for p in zip(*parts))
+        if self.trainer.world_size > 1:  # every rank holds as many (padded) rows: gather them all
+            idx, hit = self.all_gather(idx).flatten(), self.all_gather(hit).flatten()
+        n = int(idx.max()) + 1
+        seen = torch.zeros(n, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+        correct = torch.zeros(n, dtype=torch.uint8, device=idx.device)
+        correct[idx] = hit  # a padded duplicate writes its own (identical) result again
+        top1 = float(correct.sum()) / max(1, int(seen.sum()))
+        self.log("val/top1", top1)
+        if top1 > float(self.best_top1):  # main_lincls.py: is_best = acc1 > best_acc1 (ties keep the earlier)
+            self.best_top1.fill_(top1)
+            self.best_epoch.fill_(self.current_epoch)
+
+    def best_meta(self) -> dict[str, Any] | None:
+        """The best validation top-1 and its (1-based) epoch, for the checkpoint meta (``None``: never validated)."""
+        if int(self.best_epoch) < 0:
+            return None
+        return {"best_top1": float(self.best_top1), "best_epoch": int(self.best_epoch) + 1}
 
     def configure_optimizers(self) -> dict[str, Any]:
         pc = self.pc
@@ -119,26 +159,49 @@ def run_cld_probe(ctx: RunContext, cld_ckpt: Path, out: Path) -> None:
     trunk = restore(blob, torch.device("cpu"))
     dim = int(trunk.backbone_dim)
     model = ProbeModel(trunk.backbone, dim, info.num_classes)
-    nn.init.normal_(model.fc.weight, 0.0, 0.01)
-    nn.init.zeros_(model.fc.bias)
+    init_classifier(model.fc, pc.get("init", "moco"))
     module = LinearProbeModule(model, pc)
     train = Transformed(build_dataset(dataset, ctx.data_root, info.train_split),
                         build_cld_transform(pc["augmentation"], info))
-    loader = make_loader(train, _per_device_batch(ctx, int(pc["batch_size"])), ctx, train=True)
+    batch = _per_device_batch(ctx, int(pc["batch_size"]))
+    loader = make_loader(train, batch, ctx, train=True)
+    val = None
+    if pc.get("validate", True):
+        # main_lincls.py: the val loader (Resize 256 + CenterCrop 224) at the per-GPU batch size, after every epoch
+        val = make_loader(Transformed(build_dataset(dataset, ctx.data_root, info.test_split),
+                                      build_cld_transform("test", info)), batch, ctx, train=False)
     precision = pc.get("precision") or ctx.runtime.get("precision", "32-true")
-    log.info("CLD linear probe on %s: %d images, %d classes, %d-d features, %d epochs, precision %s", dataset,
-             len(train), info.num_classes, dim, epochs, precision)
+    log.info("CLD linear probe on %s: %d images, %d classes, %d-d features, %d epochs, precision %s, init %s, "
+             "validation every epoch %s", dataset, len(train), info.num_classes, dim, epochs, precision,
+             pc.get("init", "moco"), "on" if val is not None else "off")
     with warnings.catch_warnings():  # Lightning warns about the trunk in eval mode: it is meant to be
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        fit(module, loader, ctx, epochs, precision=precision)
+        warnings.filterwarnings("ignore", message=r".*validation_step.*no `val_dataloader`")
+        fit(module, loader, ctx, epochs, val, precision=precision)
     arch = {"kind": KIND, "trunk": dict(blob["arch"]), "num_classes": int(info.num_classes), "backbone_dim": dim}
+    best = module.best_meta()
+    if best is not None:
+        log.info("CLD linear probe: best validation top-1 %.4f at epoch %d", best["best_top1"], best["best_epoch"])
     complete(ctx, lambda: save_model(out, model.state_dict(), arch,
-                                     ctx.meta(trunk_config_hash=blob["meta"].get("config_hash"), precision=precision)))
+                                     ctx.meta(trunk_config_hash=blob["meta"].get("config_hash"), precision=precision,
+                                              **({"probe_val": best} if best is not None else {}))))
+
+
+def init_classifier(fc: nn.Linear, init: str) -> None:
+    """``moco``: N(0, 0.01) weights and zero bias (MoCo main_lincls.py: ``fc.weight.data.normal_(0, 0.01)``,
+    ``fc.bias.data.zero_()``); ``default``: PyTorch's own ``nn.Linear`` init, left as constructed
+    (InfoMin's probe: PyContrast networks/build_linear.py builds a plain ``nn.Linear``)."""
+    if init == "moco":
+        nn.init.normal_(fc.weight, 0.0, 0.01)
+        nn.init.zeros_(fc.bias)
+    elif init != "default":
+        raise NcdError(f"unknown cld_probe.init {init!r}; expected 'moco' or 'default'")
 
 
 def evaluate_cld_probe(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict[str, Any]]:
-    """``linear_top1``: top-1 of the probe on the test split (the ``test`` transform: Resize +
-    CenterCrop on ImageNet); no confusion matrix."""
+    """``linear_top1``: top-1 of the final probe on the test split (the ``test`` transform: Resize +
+    CenterCrop on ImageNet) and, when the stage validated every epoch, ``linear_top1_selected_on_test``:
+    the best of those validations (MoCo's ``best_acc1``, chosen on the test split); no confusion matrix."""
     if blob["arch"].get("kind") != KIND:
         raise NcdError(f"checkpoint {blob.get('path', '')} has kind {blob['arch'].get('kind')!r}; expected {KIND!r} "
                        "(the cld_probe stage's model.ckpt)")
@@ -146,7 +209,12 @@ def evaluate_cld_probe(ctx: RunContext, blob: dict, device: torch.device) -> tup
     info = get_info(ctx.cfg["dataset"], ctx.data_root)
     loader = eval_loader(ctx, info, info.test_split, build_cld_transform("test", info))
     logits, y = collect(model, loader, device, "linear probe eval")
-    return [("test", "best", "linear_top1", float((logits.argmax(1) == y).float().mean()))], {}
+    rows: list[Row] = [("test", "best", "linear_top1", float((logits.argmax(1) == y).float().mean()))]
+    best = blob["meta"].get("probe_val")
+    if best:
+        rows.append(("test", "best", selected_on_test("linear_top1"), float(best["best_top1"])))
+    return rows, {}
 
 
-__all__ = ["KIND", "LinearProbeModule", "ProbeModel", "evaluate_cld_probe", "probe_from_arch", "run_cld_probe"]
+__all__ = ["KIND", "LinearProbeModule", "ProbeModel", "evaluate_cld_probe", "init_classifier", "probe_from_arch",
+           "run_cld_probe"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from ncd.config import (
     stage_config,
 )
 from ncd.errors import NcdError
+from ncd.eval.rows import selected_on_test
 from ncd.methods import cld_probe
 from ncd.methods.cld import run_cld
 from ncd.methods.cld_probe import KIND, LinearProbeModule, ProbeModel, run_cld_probe
@@ -29,6 +31,7 @@ from ncd.methods.evaluate import evaluate
 from ncd.stages import STAGES, evaluated_stages, stages_of
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 PROBE = {"epochs": 2, "batch_size": 256, "lr": 0.1, "milestones": [1], "gamma": 0.1}
 
 
@@ -88,8 +91,14 @@ def test_probe_trains_on_the_frozen_trunk_and_evaluates(tmp_path, config, trunk)
     assert [float(r["lr"]) for r in hist] == pytest.approx([0.01, 0.01])
     rows = evaluate(ctx, out, ctx.out_dir / "metrics.json")
     assert [(r["stage"], r["split"], r["head"], r["metric"]) for r in rows] == \
-        [("cld_probe", "test", "best", "linear_top1")]
+        [("cld_probe", "test", "best", "linear_top1"), ("cld_probe", "test", "best", selected_on_test("linear_top1"))]
     assert 0.0 <= rows[0]["value"] <= 1.0
+    # main_lincls.py validates after every epoch and reports the best: the last epoch's validation is the
+    # final model's top-1, and the selected value is the best of the epochs' validations
+    val = [float(r["val_top1"]) for r in hist]
+    best = blob["meta"]["probe_val"]
+    assert rows[1]["value"] == best["best_top1"] == pytest.approx(max(val)) and best["best_epoch"] == val.index(max(val)) + 1
+    assert rows[0]["value"] == pytest.approx(val[-1], abs=1e-6)
 
 
 def test_a_crashed_probe_resumes_from_its_last_epoch(tmp_path, config, trunk, monkeypatch, caplog):
@@ -104,6 +113,8 @@ def test_a_crashed_probe_resumes_from_its_last_epoch(tmp_path, config, trunk, mo
         run_cld_probe(ctx, trunk, out)
     saved = torch.load(ctx.out_dir / "last.ckpt", weights_only=False)
     assert saved["epoch"] == 0 and not out.exists()
+    # epoch 1's validation ran before its last.ckpt was written: the best so far travels in it
+    assert int(saved["state_dict"]["best_epoch"]) == 0 and float(saved["state_dict"]["best_top1"]) >= 0
     monkeypatch.undo()
     restored = {}
 
@@ -119,11 +130,16 @@ def test_a_crashed_probe_resumes_from_its_last_epoch(tmp_path, config, trunk, mo
     assert restored["lr"] == pytest.approx(0.01) and restored["trunk_eval"]  # the schedule resumed too
     assert [int(r["epoch"]) for r in _history(ctx.out_dir)] == [1, 2]  # the resumed run continued the crashed one
     assert out.is_file() and not (ctx.out_dir / "last.ckpt").exists()
+    # the best is over both epochs, the one before the crash included
+    val = [float(r["val_top1"]) for r in _history(ctx.out_dir)]
+    assert val[0] == pytest.approx(float(saved["state_dict"]["best_top1"]))
+    best = load_model(out)["meta"]["probe_val"]
+    assert best["best_top1"] == pytest.approx(max(val)) and best["best_epoch"] == val.index(max(val)) + 1
 
 
 def test_the_probe_trains_in_its_own_precision(tmp_path, config, trunk, monkeypatch):
     cfg = _cfg(config)
-    cfg["cld_probe"]["precision"] = "bf16-mixed"
+    cfg["cld_probe"].update(precision="bf16-mixed", validate=False)  # the per-epoch validation is tested above
     # the slice the command line gives the stage: reading a key outside it (e.g. `cld`) is an error
     whole = {**config, "experiments": {**config["experiments"], "cld_digits": cfg}}
     sliced = check_stage_config("cld_digits", "cld_probe", stage_config(whole, "cld_digits", "cld_probe"))
@@ -165,7 +181,8 @@ def test_the_stage_runs_only_when_its_epochs_are_set(config):
     assert evaluated_stages("scan", exp) == evaluated_stages("scan")  # stages without a switch are always on
     paper = load_config([ROOT / "config.yaml", ROOT / "workflow/experiments/paper.yaml"])
     probed = sorted(n for n, e in paper["experiments"].items() if "cld_probe" in evaluated_stages(e["method"], e))
-    assert probed == ["cld_imagenet_infomin", "cld_imagenet_mocov2", "infomin_imagenet", "mocov2_imagenet"]
+    assert probed == ["cld_imagenet_infomin", "cld_imagenet_mocov2", "infomin_imagenet", "mocov2_imagenet",
+                      "mocov2_imagenet_original"]
 
 
 def test_changing_the_probe_does_not_rerun_cld(config):
@@ -177,3 +194,46 @@ def test_changing_the_probe_does_not_rerun_cld(config):
     assert "cld" not in probe and set(probe["upstream"]) == {"cld"}
     changed["experiments"]["cld_digits"]["cld"]["lambda"] = 0.5  # a new trunk reruns the probe
     assert stage_config(changed, "cld_digits", "cld_probe")["upstream"] != probe["upstream"]
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("init", ["moco", "default"])
+def test_the_classifier_init(tmp_path, config, trunk, monkeypatch, init):
+    """MoCo's main_lincls.py: N(0, 0.01) weights, zero bias; InfoMin's probe (PyContrast build_linear.py):
+    nn.Linear's own init, uniform in +-1/sqrt(fan_in) for weights and bias."""
+    cfg = _cfg(config)
+    cfg["cld_probe"]["init"] = init
+    ctx = _ctx(tmp_path, cfg, "cld_probe")
+    seen = {}
+
+    def spy(module, *args, **kwargs):
+        seen.update(w=module.model.fc.weight.detach().clone(), b=module.model.fc.bias.detach().clone())
+        raise _Stop
+
+    monkeypatch.setattr(cld_probe, "fit", spy)
+    with pytest.raises(_Stop):
+        run_cld_probe(ctx, trunk, ctx.out_dir / "model.ckpt")
+    w, b = seen["w"], seen["b"]
+    bound = 1 / math.sqrt(w.shape[1])
+    if init == "moco":
+        assert torch.count_nonzero(b) == 0 and float(w.std()) == pytest.approx(0.01, rel=0.35)
+    else:
+        assert torch.count_nonzero(b) == b.numel() and float(b.abs().max()) <= bound
+        assert float(w.abs().max()) <= bound and float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.35)
+    ctx.cfg["cld_probe"]["init"] = "xavier"
+    with pytest.raises(NcdError, match="cld_probe.init 'xavier'"):
+        run_cld_probe(ctx, trunk, ctx.out_dir / "model.ckpt")
+
+
+def test_without_validation_only_the_final_top1_is_reported(tmp_path, config, trunk):
+    cfg = _cfg(config)
+    cfg["cld_probe"].update(epochs=1, validate=False)
+    ctx = _ctx(tmp_path, cfg, "cld_probe")
+    run_cld_probe(ctx, trunk, ctx.out_dir / "model.ckpt")
+    assert "probe_val" not in load_model(ctx.out_dir / "model.ckpt")["meta"]
+    assert "val_top1" not in _history(ctx.out_dir)[0]
+    rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
+    assert [r["metric"] for r in rows] == ["linear_top1"]
