@@ -43,14 +43,39 @@ INSTANCES = ("npid", "moco", "mocov2", "infomin")
 # InfoMin x1, x2 | x3. NPID has no key encoder.
 QUERY_VIEWS: dict[str, tuple[int, int]] = {"npid": (0, 1), "moco": (0, 1), "mocov2": (0, 2), "infomin": (0, 1)}
 KEY_VIEW: dict[str, int | None] = {"npid": None, "moco": 2, "mocov2": 1, "infomin": 2}
-SCHEDULES = ("warmup_cosine_iter", "cosine_epoch", "infomin_cosine", "constant")
+SCHEDULES = ("warmup_cosine_iter", "cosine_epoch", "infomin_cosine", "multistep", "constant")
+# The original baselines' view counts (cld.views): NPID's cifar.py trains on one view per image
+# (lemniscate.pytorch cifar.py: net(inputs) → LinearAverage → CE); MoCo v2's main_moco.py on two
+# crops, one query and one key (moco/loader.py TwoCropsTransform, moco/builder.py forward(im_q, im_k)).
+SINGLE_QUERY_VIEWS: dict[str, int] = {"npid": 1, "moco": 2, "mocov2": 2}
+KNN_TRAIN_FEATURES = ("recompute", "memory")
 # Test hook (tests/methods/test_ddp.py): with this variable set to k, the last rank's loss becomes NaN
 # at batch k of the first epoch, so that only one rank sees a non-finite loss.
 NAN_AT_STEP = "NCD_TEST_NAN_AT_STEP"
 
 
-def num_views(instance: str) -> int:
+def num_views(instance: str, views: int | None = None) -> int:
+    """Views per image: ``views`` when given, else CLD's (two queries, plus a key with a key encoder)."""
+    if views is not None:
+        return int(views)
     return 3 if KEY_VIEW[instance] is not None else 2
+
+
+def check_views(instance: str, views: int | None, lam: float) -> int:
+    """The view count of ``cld.views`` for ``instance``: CLD's own, or the original baseline's single
+    query (:data:`SINGLE_QUERY_VIEWS`, which needs λ = 0: CLD's term clusters two query views, and
+    the official CLD loops have no path without the second one)."""
+    n = num_views(instance, views)
+    if n == num_views(instance):
+        return n
+    if SINGLE_QUERY_VIEWS.get(instance) != n:
+        allowed = sorted({num_views(instance), SINGLE_QUERY_VIEWS.get(instance, num_views(instance))})
+        raise NcdError(f"cld.views {views} does not fit cld.instance {instance!r}; expected one of "
+                       f"{', '.join(map(str, allowed))} (or null)")
+    if float(lam) != 0:
+        raise NcdError(f"cld.views {views} (one query view, the original {instance} recipe) needs cld.lambda 0, got "
+                       f"{lam}: the CLD term needs two query views")
+    return n
 
 
 def cld_lr(sched: dict[str, Any], base_lr: float, epochs: int, epoch: int, batch_idx: int, iters: int,
@@ -63,11 +88,15 @@ def cld_lr(sched: dict[str, Any], base_lr: float, epochs: int, epoch: int, batch
     ``cosine_epoch`` (MoCo v2): ``lr · ½(1 + cos(π e/E))`` at 0-based epoch ``e``.
     ``infomin_cosine`` (InfoMin): ``η + (lr − η)(1 + cos(π e/E))/2`` at 1-based epoch ``e``, η = lr ·
     ``decay_rate``³, and during the first ``warmup_epochs`` a per-iteration ramp from ``warmup_from``
-    to the value at the end of the warm-up. ``constant``: ``lr``.
+    to the value at the end of the warm-up. ``multistep`` (NPID's ``cifar.py`` ``adjust_learning_rate``:
+    ×0.1 at 0-based epochs 120 and 160): ``lr · gamma^#{m ≤ e}``. ``constant``: ``lr``.
     """
     name = sched.get("name", "warmup_cosine_iter")
     if name == "constant":
         return base_lr
+    if name == "multistep":
+        passed = sum(1 for m in sched.get("milestones", (120, 160)) if epoch >= int(m))
+        return base_lr * float(sched.get("gamma", 0.1)) ** passed
     if name == "warmup_cosine_iter":
         warm = int(sched.get("warmup_epochs", 5)) * iters
         mult = float(sched.get("warmup_multiplier", 100))
@@ -93,16 +122,20 @@ def cld_lr(sched: dict[str, Any], base_lr: float, epochs: int, epoch: int, batch
 
 class KnnSplits(Dataset):
     """The train split then the test split, both with the test transform: ``(image, target, i)``
-    with ``i < n_train`` for train images (the kNN monitor's one validation loader)."""
+    with ``i < n_train`` for train images (the kNN monitor's one validation loader).
+    ``train_rows=False``: the test split only, still numbered from ``n_train`` (the monitor takes
+    the train features from NPID's memory bank)."""
 
-    def __init__(self, train: Dataset, test: Dataset) -> None:
-        self.train, self.test = train, test
+    def __init__(self, train: Dataset, test: Dataset, *, train_rows: bool = True) -> None:
+        self.train, self.test, self.train_rows = train, test, train_rows
 
     def __len__(self) -> int:
-        return len(self.train) + len(self.test)
+        return (len(self.train) if self.train_rows else 0) + len(self.test)
 
     def __getitem__(self, i: int):
         n = len(self.train)
+        if not self.train_rows:
+            i += n
         img, y, _ = self.train[i] if i < n else self.test[i - n]
         return img, y, i
 
@@ -118,16 +151,33 @@ class CLDModule(L.LightningModule):
     MoCo v2 and InfoMin) takes the keys once per step (InfoMin's cache: after each query view);
     shuffle-BN for the key encoder when there is more than one device. InfoMin adds its jigsaw
     query: per view ``(1 − β)·InfoNCE(q) + β·InfoNCE(jigsaw)``.
+
+    ``cfg["views"]`` = :data:`SINGLE_QUERY_VIEWS` (λ = 0): the original baselines' one query view.
+    NPID: one view, its CE on the memory, then the memory takes that view (lemniscate's
+    ``cifar.py`` with ``LinearAverage``); MoCo (v2): view 1 the query, view 2 the key, loss = its
+    InfoNCE (``main_moco.py``, ``moco/builder.py``).
+
+    The kNN monitor keeps every measurement in :attr:`knn_history` (saved in the checkpoint) and
+    :attr:`knn_best` is its best epoch: the number the official CIFAR loops print as "best".
     """
 
     def __init__(self, model: CLDModel, cfg: dict[str, Any], num_train: int, num_classes: int = 0,
-                 num_knn_train: int = 0, knn_k: int = 200) -> None:
+                 num_knn_train: int = 0, knn_k: int = 200, *, knn_train_labels: Tensor | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.model, self.cfg = model, cfg
         self.instance = cfg["instance"]
         if self.instance not in INSTANCES:
             raise NcdError(f"unknown cld.instance {self.instance!r}; expected one of {', '.join(INSTANCES)}")
+        self.views = check_views(self.instance, cfg.get("views"), float(cfg["lambda"]))
+        self.single_query = self.views != num_views(self.instance)
+        self.knn_train_features = cfg.get("knn_train_features", "recompute")
+        if self.knn_train_features not in KNN_TRAIN_FEATURES:
+            raise NcdError(f"unknown cld.knn_train_features {self.knn_train_features!r}; expected one of "
+                           f"{', '.join(KNN_TRAIN_FEATURES)}")
+        if self.knn_train_features == "memory" and self.instance != "npid":
+            raise NcdError(f"cld.knn_train_features 'memory' needs NPID's memory bank; cld.instance is {self.instance!r}")
+        self.knn_train_labels = knn_train_labels
         if float(cfg["lambda"]) == 0:
             # the baseline never uses the group head: frozen, so that DDP does not wait for its gradient
             for p in model.group_head.parameters():
@@ -216,6 +266,8 @@ class CLDModule(L.LightningModule):
         for g in opt.param_groups:
             g["lr"] = lr
         temperature = float(c["temperature"])
+        if self.single_query:
+            return self._single_query_step(x, index, opt, temperature, batch_idx)
         qa, qb = QUERY_VIEWS[self.instance]
         # one forward per view, as the official loops: BatchNorm normalises each view on its own
         fa, ga = (t.float() for t in self.model(x[:, qa]))
@@ -251,23 +303,8 @@ class CLDModule(L.LightningModule):
             loss = inst + lam * out["loss"]
             self.log("train/loss_cld", out["loss"].detach(), on_step=False, on_epoch=True, batch_size=b)
             self.log("train/group_acc", out["group_acc"], on_step=False, on_epoch=True, batch_size=b)
-        at = os.environ.get(NAN_AT_STEP)
-        if at and self.current_epoch == 0 and batch_idx == int(at) and self.global_rank == self._world() - 1:
-            loss = loss * float("nan")  # test hook: a non-finite loss on the last rank only
-        # a host sync the official loops have too (they test the loss for NaN before the backward)
-        finite = bool(torch.isfinite(loss.detach()))
-        if self._world() > 1:
-            # every rank must take the same branch: the backward all-reduces gradients (AUDIT B3)
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            self.nan_steps += 1
-            log.warning("epoch %d batch %d: the loss is %s; step skipped (%d so far)", self.current_epoch + 1,
-                        batch_idx + 1, float(loss.detach()), int(self.nan_steps))
-            self.log("train/nan_steps", self.nan_steps.float(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=b)
+        if not self._optimise(loss, opt, batch_idx, b):
             return None
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
         if self.instance == "npid":
             m = float(c["memory_momentum"])
             idx = self._gather(index)
@@ -280,6 +317,68 @@ class CLDModule(L.LightningModule):
         self.log("train/nan_steps", self.nan_steps.float(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=b)
         return None
 
+    def _single_query_step(self, x: Tensor, index: Tensor, opt, temperature: float, batch_idx: int) -> None:
+        """The original baselines' step (λ = 0): one query view.
+
+        NPID (lemniscate ``cifar.py``): ``features = net(inputs)``, CE of the full softmax over the
+        memory, then the memory row of each image takes that view (``LinearAverageOp.backward``).
+        MoCo / MoCo v2 (``moco/builder.py`` ``forward(im_q, im_k)``): view 1 the query, view 2 the key
+        from the EMA encoder (shuffle-BN across devices), InfoNCE against the queue, which then takes
+        the keys; the EMA follows the optimiser step (``_momentum_update_key_encoder`` before the next
+        key)."""
+        q = self.model(x[:, 0], two_branch=False).float()
+        b = q.shape[0]
+        if self.instance == "npid":
+            loss = npid_loss(q, index, self.memory, temperature)
+        else:
+            k, k_all = self._keys(x[:, 1])
+            queue = self.queue.clone()  # the backward needs it as it was; the enqueue writes in place
+            zeros = torch.zeros(b, dtype=torch.long, device=q.device)
+            loss = F.cross_entropy(moco_logits(q, k, queue, temperature), zeros)
+            self._enqueue(k_all)
+        if not self._optimise(loss, opt, batch_idx, b):
+            return None
+        if self.instance == "npid":
+            memory_bank_update(self.memory, self._gather(q.detach()), self._gather(index),
+                               float(self.cfg["memory_momentum"]), inplace=True)
+        else:
+            self._ema_update()
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=b)
+        self.log("train/loss_instance", loss.detach(), on_step=False, on_epoch=True, batch_size=b)
+        self.log("train/nan_steps", self.nan_steps.float(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=b)
+        return None
+
+    def _optimise(self, loss: Tensor, opt, batch_idx: int, b: int) -> bool:
+        """The backward and optimiser step, unless the loss is non-finite on some rank (then skipped)."""
+        loss = self._nan_hook(loss, batch_idx)
+        if not self._finite(loss, batch_idx, b):
+            return False
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return True
+
+    def _nan_hook(self, loss: Tensor, batch_idx: int) -> Tensor:
+        at = os.environ.get(NAN_AT_STEP)
+        if at and self.current_epoch == 0 and batch_idx == int(at) and self.global_rank == self._world() - 1:
+            return loss * float("nan")  # test hook: a non-finite loss on the last rank only
+        return loss
+
+    def _finite(self, loss: Tensor, batch_idx: int, b: int) -> bool:
+        """Whether the step goes ahead: the loss is finite on every rank; a skip is counted and logged."""
+        # a host sync the official loops have too (they test the loss for NaN before the backward)
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._world() > 1:
+            # every rank must take the same branch: the backward all-reduces gradients (AUDIT B3)
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            self.nan_steps += 1
+            log.warning("epoch %d batch %d: the loss is %s; step skipped (%d so far)", self.current_epoch + 1,
+                        batch_idx + 1, float(loss.detach()), int(self.nan_steps))
+            self.log("train/nan_steps", self.nan_steps.float(), on_step=False, on_epoch=True, reduce_fx="max",
+                     batch_size=b)
+        return finite
+
     def configure_optimizers(self):
         return build_optimizer(self.model.parameters(), self.cfg["optimizer"])
 
@@ -288,6 +387,15 @@ class CLDModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.knn_history = [(int(e), float(v)) for e, v in checkpoint.get("cld_knn_history", [])]
+
+    @property
+    def knn_best(self) -> tuple[int, float] | None:
+        """``(epoch, top-1)`` of the monitor's best measurement (the earliest of equal ones), or None:
+        what the official CIFAR loops report as "best accuracy", chosen on the test split. Derived from
+        :attr:`knn_history`, which travels in the checkpoint, so a resumed run keeps it."""
+        if not self.knn_history:
+            return None
+        return max(self.knn_history, key=lambda t: (t[1], -t[0]))
 
     # -------------------------------------------------------------------------- kNN monitor
     def _knn_due(self) -> bool:
@@ -315,9 +423,15 @@ class CLDModule(L.LightningModule):
         labels = y.new_zeros(n)
         feats[i], labels[i] = f, y
         nt = self.num_knn_train
-        res = weighted_knn(feats[:nt], labels[:nt], feats[nt:], labels[nt:], self.num_classes,
+        bank, bank_y = feats[:nt], labels[:nt]
+        if self.knn_train_features == "memory":
+            # NPID's cifar.py monitor (test.kNN, recompute_memory=0): the memory bank is the train features
+            if self.knn_train_labels is None:
+                raise NcdError("the kNN monitor on the memory bank needs the train labels (knn_train_labels)")
+            bank, bank_y = self.memory.to(feats.dtype), self.knn_train_labels.to(labels.device)
+        res = weighted_knn(bank, bank_y, feats[nt:], labels[nt:], self.num_classes,
                            k=min(self.knn_k, nt), sigma=float(self.cfg["temperature"]))
-        self.knn_history.append((self.current_epoch + 1, res["top1"]))
+        self.knn_history.append((self.current_epoch + 1, float(res["top1"])))
         log.info("epoch %d: weighted kNN top-1 %.4f (top-5 %.4f)", self.current_epoch + 1, res["top1"], res["top5"])
         self.log("val/knn_top1", res["top1"], sync_dist=False)
 
@@ -329,10 +443,21 @@ def cld_arch(ctx: RunContext, info, dim: int) -> dict[str, Any]:
                      head=sc["head"], mlp=bool(sc["mlp"]), jigsaw=sc["instance"] == "infomin", instance=sc["instance"])
 
 
+def train_drop_last(instance: str, drop_last: bool | None) -> bool:
+    """``cld.drop_last``, or the official loader's: MoCo v2's ``main_moco.py`` /
+    ``main_imagenet_moco_cld.py`` drop the last partial batch (``drop_last=True``); CLD's CIFAR
+    loaders (``datasets/dataloader.py``), NPID's ``cifar.py`` and InfoMin's loader
+    (``datasets/infomin_datasets.py``) keep it. A last batch with fewer rows than ``num_clusters``
+    is clustered as CLD's ``KMeans`` does it (:func:`ncd.losses.batch_kmeans`: every row its own
+    cluster, zero centroids for the rest); the official code runs it without error."""
+    return instance == "mocov2" if drop_last is None else bool(drop_last)
+
+
 def build_model(ctx: RunContext, info) -> tuple[CLDModel, dict[str, Any]]:
     sc = ctx.cfg["cld"]
+    # CLD's and NPID's CIFAR ResNet-18 (models/resnet_cifar.py) keep PyTorch's default init
     backbone, dim = build_cld_backbone(ctx.cfg["backbone"], info.channels, int(sc["pool_len"]),
-                                       **ctx.cfg.get("backbone_kwargs", {}))
+                                       init=sc.get("backbone_init", "torch"), **ctx.cfg.get("backbone_kwargs", {}))
     arch = cld_arch(ctx, info, dim)
     return CLDModel(backbone, dim, arch["low_dim"], arch["head"], arch["mlp"], arch["jigsaw"]), arch
 
@@ -343,28 +468,39 @@ def run_cld(ctx: RunContext, out: Path) -> None:
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)
     instance = sc["instance"]
+    views = check_views(instance, sc.get("views"), float(sc["lambda"]))
     model, arch = build_model(ctx, info)
     aug = build_cld_transform(sc["augmentation"], info, **sc.get("augment", {}))
     jigsaw = build_jigsaw_transform(info) if instance == "infomin" else None
-    ds = CLDViews(build_dataset(dataset, ctx.data_root, info.train_split), [aug] * num_views(instance), jigsaw)
+    ds = CLDViews(build_dataset(dataset, ctx.data_root, info.train_split), [aug] * views, jigsaw)
     bs = int(sc["batch_size"])
-    val_loader, n_knn = None, 0
+    val_loader, n_knn, knn_labels = None, 0, None
     if int(sc["knn_every"]) > 0:
         test_t = build_cld_transform("test", info)
-        train_eval = Transformed(build_dataset(dataset, ctx.data_root, info.train_split), test_t)
+        train_base = build_dataset(dataset, ctx.data_root, info.train_split)
+        train_eval = Transformed(train_base, test_t)
         test_eval = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), test_t)
         n_knn = len(train_eval)
-        val_loader = make_loader(KnnSplits(train_eval, test_eval), int(sc.get("eval_batch_size", 512)), ctx, train=False)
-    module = CLDModule(model, sc, len(ds), info.num_classes, n_knn, int(ctx.cfg.get("evaluate", {}).get("knn_k", 200)))
-    log.info("CLD (%s, λ = %g) on %s: %d images, %d views, backbone %s, %d epochs", instance, float(sc["lambda"]),
-             dataset, len(ds), num_views(instance), ctx.cfg["backbone"], sc["epochs"])
-    fit(module, make_loader(ds, bs, ctx, train=True), ctx, int(sc["epochs"]), val_loader)
+        on_memory = sc.get("knn_train_features", "recompute") == "memory"
+        if on_memory:
+            knn_labels = torch.as_tensor(train_base.targets, dtype=torch.long)
+        val_loader = make_loader(KnnSplits(train_eval, test_eval, train_rows=not on_memory),
+                                 int(sc.get("eval_batch_size", 512)), ctx, train=False)
+    module = CLDModule(model, sc, len(ds), info.num_classes, n_knn, int(ctx.cfg.get("evaluate", {}).get("knn_k", 200)),
+                       knn_train_labels=knn_labels)
+    drop_last = train_drop_last(instance, sc.get("drop_last"))
+    log.info("CLD (%s, λ = %g) on %s: %d images, %d views, backbone %s, %d epochs, drop_last %s", instance,
+             float(sc["lambda"]), dataset, len(ds), views, ctx.cfg["backbone"], sc["epochs"], drop_last)
+    fit(module, make_loader(ds, bs, ctx, train=True, drop_last=drop_last), ctx, int(sc["epochs"]), val_loader)
     nan = int(module.nan_steps)
     if nan:
         log.warning("CLD: %d training step(s) had a NaN loss and were skipped", nan)
+    best = module.knn_best
     complete(ctx, lambda: save_model(out, model.state_dict(), arch,
                                      ctx.meta(instance=instance, nan_steps=nan,
-                                              knn_history=[list(t) for t in module.knn_history])))
+                                              knn_history=[list(t) for t in module.knn_history],
+                                              knn_best=list(best) if best is not None else None)))
 
 
-__all__ = ["CLDModule", "INSTANCES", "build_model", "cld_arch", "cld_lr", "run_cld"]
+__all__ = ["CLDModule", "INSTANCES", "SINGLE_QUERY_VIEWS", "build_model", "check_views", "cld_arch", "cld_lr", "run_cld",
+           "train_drop_last"]

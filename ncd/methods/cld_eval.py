@@ -16,7 +16,7 @@ from ncd.data import get_info
 from ncd.data.cld import build_cld_transform
 from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.knn import weighted_knn
-from ncd.eval.rows import Row, confusion_of
+from ncd.eval.rows import Row, confusion_of, selected_on_test
 from ncd.methods.common import (
     RunContext,
     collect,
@@ -34,7 +34,10 @@ def evaluate_cld(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
     """Metrics rows ``(split, head, metric, value)`` of a CLD checkpoint and the test confusion.
 
     * ``knn_top1`` (test): weighted kNN (K = ``evaluate.knn_k``, σ = ``cld.temperature``) of the
-      test images against the train images, instance features recomputed with the test transform.
+      test images against the train images, instance features recomputed with the test transform;
+      beside it ``knn_top1_selected_on_test``: the training-time kNN monitor's best epoch, what the
+      official CIFAR loops report (``best_acc1`` of CLD's ``train_cifar_*_cld.py``, ``best_acc`` of
+      NPID's ``cifar.py``), when the checkpoint has a monitor history.
     * ``acc``, ``nmi``, ``ari``: k-means (scikit-learn, K = number of classes, 10 restarts) fitted
       on the train features, Hungarian ACC (SCAN's protocol), NMI and ARI of its clusters on each
       split of ``splits`` (beyond the official code).
@@ -61,6 +64,9 @@ def evaluate_cld(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
         res = weighted_knn(bank, bank_y, f, y, info.num_classes, k=min(int(ev["knn_k"]), len(bank)),
                            sigma=float(sc["temperature"]))
         rows.append(("test", "best", "knn_top1", float(res["top1"])))
+        best = knn_selected_on_test(blob.get("meta") or {})
+        if best is not None:
+            rows.append(("test", "best", selected_on_test("knn_top1"), best))
     if sc["kmeans_eval"]:
         km = KMeans(n_clusters=info.num_classes, n_init=10, random_state=ctx.seed).fit(feats["train"][0].double().numpy())
         for split in splits:
@@ -73,4 +79,14 @@ def evaluate_cld(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
     return rows, confusion
 
 
-__all__ = ["evaluate_cld"]
+def knn_selected_on_test(meta: dict[str, Any]) -> float | None:
+    """The best kNN top-1 of a CLD checkpoint's monitor (``meta["knn_best"]``, else the maximum of
+    ``meta["knn_history"]``), or None when the monitor was off."""
+    best = meta.get("knn_best")
+    if best:
+        return float(best[1])
+    history = meta.get("knn_history") or []
+    return max((float(v) for _, v in history), default=None)
+
+
+__all__ = ["evaluate_cld", "knn_selected_on_test"]

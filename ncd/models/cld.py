@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ncd.errors import NcdError
 from ncd.models.backbones import build_backbone
+from ncd.models.resnet import ResNetSmallImages
 
 HEADS = ("linear", "normlinear")
 
@@ -121,11 +122,20 @@ class CLDModel(nn.Module):
         return self.jigsaw_head(self.backbone(patches))
 
 
-def build_cld_backbone(name: str, in_channels: int, pool_len: int = 0, **kwargs: Any) -> tuple[nn.Module, int]:
+def build_cld_backbone(name: str, in_channels: int, pool_len: int = 0, *, init: str | None = None,
+                       **kwargs: Any) -> tuple[nn.Module, int]:
     """The shared backbone registry, plus CLD's ``pool_len``: a fixed average-pool window on the
     CIFAR ResNet-18 (4 for 32×32 inputs, 7 for 96×96 STL-10, as CLD's ``F.avg_pool2d``; 0 = the
-    backbone's own global pool)."""
-    backbone, dim = build_backbone(name, in_channels, **kwargs)
+    backbone's own global pool).
+
+    ``init`` (``resnet18_cifar`` / ``resnet18_stl`` only; None = the registry's Kaiming-normal):
+    ``torch`` keeps PyTorch's default layer init, as CLD's and NPID's ``models/resnet_cifar.py``
+    (no init loop there); other backbones keep their own init (torchvision's ResNet-50 is what
+    CLD's ImageNet ``models/ResNet.py`` and MoCo's ``main_moco.py`` use)."""
+    if init is not None and name in ("resnet18_cifar", "resnet18_stl"):
+        backbone, dim = ResNetSmallImages(in_channels=in_channels, stem=name.split("_")[1], init=init), 512
+    else:
+        backbone, dim = build_backbone(name, in_channels, **kwargs)
     if pool_len:
         if name != "resnet18_cifar":
             raise NcdError(f"cld.pool_len applies to the resnet18_cifar backbone only, got backbone {name!r}")

@@ -6,6 +6,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ncd.errors import NcdError
+
+#: Weight initialisations of :class:`ResNetSmallImages`: ``kaiming`` (SCAN's and UNO's
+#: :func:`init_resnet_weights`) or ``torch`` (PyTorch's own layer defaults, which CLD's
+#: ``models/resnet_cifar.py`` and NPID's ``models/resnet_cifar.py`` keep: they have no init loop).
+INITS = ("kaiming", "torch")
+
 
 def init_resnet_weights(model: nn.Module) -> None:
     """Kaiming-normal (fan_out, ReLU) convolutions, BatchNorm weight 1 and bias 0, as both SCAN's
@@ -46,12 +53,14 @@ class ResNetSmallImages(nn.Module):
 
     ``stem="cifar"``: no max-pool, adaptive average pool (SCAN's ``resnet_cifar``).
     ``stem="stl"``: MaxPool(2, 2, padding 1) after the stem and a fixed AvgPool(7) at the end,
-    so inputs must be 96×96 (SCAN's ``resnet_stl``).
+    so inputs must be 96×96 (SCAN's ``resnet_stl``). ``init``: one of :data:`INITS`.
     """
 
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), in_channels: int = 3,
-                 stem: str = "cifar") -> None:
+                 stem: str = "cifar", *, init: str = "kaiming") -> None:
         super().__init__()
+        if init not in INITS:
+            raise NcdError(f"unknown ResNet init {init!r}; expected one of {', '.join(INITS)}")
         self.stem = stem
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -62,7 +71,10 @@ class ResNetSmallImages(nn.Module):
         self.layer3 = self._make_layer(256, num_blocks[2], 2)
         self.layer4 = self._make_layer(512, num_blocks[3], 2)
         self.avgpool = nn.AvgPool2d(7, stride=1) if stem == "stl" else nn.AdaptiveAvgPool2d(1)
-        init_resnet_weights(self)
+        if init == "kaiming":
+            init_resnet_weights(self)
+        # "torch": every layer keeps the init its constructor gave it (conv: kaiming_uniform with
+        # a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm: weight 1, bias 0)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []

@@ -268,12 +268,22 @@ def paper_sections(rows: list[dict], reported: list[dict],
 
 
 def pair_cld_baselines(sections: list[dict], experiments: dict[str, dict]) -> None:
-    """CLD's table: every row directly above its baseline's (same dataset, instance branch, split
-    and metric, λ = 0), so it reads CLD, baseline, CLD, baseline."""
+    """CLD's table: per dataset, instance branch, split and metric, the CLD row (λ > 0), then the
+    original baseline (the base method's own recipe: ``cld.views`` one query view, λ = 0: NPID's
+    ``cifar.py``, MoCo v2's ``main_moco.py``), then the λ = 0 ablation of the CLD pipeline; so it
+    reads CLD, baseline, ablation for each metric (a best-over-epochs metric right after its final one)."""
+    cld_views = {"npid": 2}  # CLD's views per instance branch (3 for the branches with a key encoder)
+
+    def role(cld: dict) -> int:
+        if float(cld.get("lambda", 1.0)) != 0.0:
+            return 0
+        views = cld.get("views")
+        return 1 if views is not None and int(views) < cld_views.get(str(cld.get("instance", "npid")), 3) else 2
+
     def key(row: dict) -> tuple:
         cld = (experiments.get(row["experiment"]) or {}).get("cld") or {}
         return (row["dataset"], str(cld.get("instance", "")), split_rank(row["split"]),
-                metric_rank(row["metric"]), float(cld.get("lambda", 1.0)) == 0.0, row["experiment"])
+                metric_rank(row["metric"]), role(cld), row["experiment"])
 
     for s in sections:
         if s["paper"] == paper_of("cld"):

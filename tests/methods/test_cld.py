@@ -1,7 +1,9 @@
 """CLD's training module on tiny real data: the NPID memory protocol, the MoCo queue and EMA key
-encoder, InfoMin's jigsaw branch, skipped NaN steps, λ = 0 as the plain baseline, the learning-rate
-schedules, the augmentations, and the digits / CIFAR / ImageNet paths end to end (training, kNN and
-k-means evaluation, and on ImageNet the cld_probe stage) on real and fabricated files."""
+encoder, InfoMin's jigsaw branch, skipped NaN steps, λ = 0 as the plain baseline, the original
+baselines' one-query recipes (single-view NPID, MoCo v2's two crops), the backbone init, the last
+partial batch, the kNN monitor's best epoch, the learning-rate schedules, the augmentations, and the
+digits / CIFAR / ImageNet paths end to end (training, kNN and k-means evaluation, and on ImageNet the
+cld_probe stage) on real and fabricated files."""
 
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ from ncd.config import load_config, resolve_experiment
 from ncd.data import build_dataset, get_info
 from ncd.data.cld import CLDViews, JigsawCrop, build_cld_transform, build_jigsaw_transform
 from ncd.errors import NcdError
+from ncd.data.wrappers import Transformed
+from ncd.eval.knn import weighted_knn
 from ncd.methods.evaluate import evaluate
-from ncd.losses import memory_bank_update
-from ncd.methods.cld import CLDModule, cld_lr, run_cld
+from ncd.losses import memory_bank_update, moco_logits, npid_loss
+from ncd.methods.cld import CLDModule, KnnSplits, build_model, check_views, cld_lr, run_cld, train_drop_last
 from ncd.methods.cld_probe import run_cld_probe
 from ncd.methods.common import RunContext
 from ncd.models.cld import CLDModel, build_cld_backbone
+from ncd.models.resnet import ResNetSmallImages
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "data"))
@@ -279,10 +284,15 @@ def test_digits_npid_cld_train_and_evaluate(tmp_path):
     assert "val_knn_top1" in hist and "train_loss_cld" in hist and "train_group_acc" in hist
     rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
     got = {(r["split"], r["head"], r["metric"]): r["value"] for r in rows}
-    assert set(got) == {("test", "best", m) for m in ("knn_top1", "acc", "nmi", "ari")}
+    assert set(got) == {("test", "best", m) for m in ("knn_top1", "knn_top1_selected_on_test", "acc", "nmi", "ari")}
     assert all(r["method"] == "cld" and r["stage"] == "cld" and r["dataset"] == "digits" for r in rows)
     # the kNN metric equals the monitor's last value: same features, same protocol
-    assert got[("test", "best", "knn_top1")] == pytest.approx(blob["meta"]["knn_history"][-1][1])
+    history = blob["meta"]["knn_history"]
+    assert got[("test", "best", "knn_top1")] == pytest.approx(history[-1][1])
+    # beside it the monitor's best epoch (the official loops' "best accuracy"), chosen on the test split
+    best = max(history, key=lambda t: t[1])
+    assert blob["meta"]["knn_best"] == pytest.approx(best)
+    assert got[("test", "best", "knn_top1_selected_on_test")] == pytest.approx(best[1])
     assert 0.3 < got[("test", "best", "knn_top1")] <= 1.0
     assert json.loads((ctx.out_dir / "metrics.json").read_text())["confusion"]["matrix"]
 
@@ -310,6 +320,8 @@ def test_killed_run_resumes_with_its_memory_and_monitor(tmp_path, monkeypatch):
     meta = load_model(ctx.out_dir / "model.ckpt")["meta"]
     assert [e for e, _ in meta["knn_history"]] == [1, 2]
     assert meta["knn_history"][0][1] == pytest.approx(saved["cld_knn_history"][0][1])
+    # the best epoch is taken over both runs' measurements: the one before the kill counts
+    assert meta["knn_best"] == pytest.approx(list(max(meta["knn_history"], key=lambda t: t[1])))
 
 
 @pytest.mark.parametrize("exp", ["cld_cifar10_npid"])
@@ -325,7 +337,7 @@ def test_cifar_paper_settings_on_fabricated_files(tmp_path, monkeypatch, exp):
     arch = load_model(ctx.out_dir / "model.ckpt")["arch"]
     assert arch["head"] == ("normlinear" if "moco" in exp else "linear") and arch["pool_len"] == 4
     rows = evaluate(ctx, ctx.out_dir / "model.ckpt", ctx.out_dir / "metrics.json")
-    assert {r["metric"] for r in rows} == {"knn_top1", "acc", "nmi", "ari"}
+    assert {r["metric"] for r in rows} == {"knn_top1", "knn_top1_selected_on_test", "acc", "nmi", "ari"}
 
 
 @pytest.mark.parametrize("exp", ["cld_imagenet_mocov2", "cld_imagenet_infomin"])
@@ -353,7 +365,10 @@ def test_imagenet_paper_settings_on_fabricated_files(tmp_path, exp):
     probe = _ctx(tmp_path, exp, cfg, root, stage="cld_probe")
     run_cld_probe(probe, ctx.out_dir / "model.ckpt", probe.out_dir / "model.ckpt")
     rows = evaluate(probe, probe.out_dir / "model.ckpt", probe.out_dir / "metrics.json")
-    assert [(r["stage"], r["split"], r["metric"]) for r in rows] == [("cld_probe", "test", "linear_top1")]
+    # the final probe, and (when the probe validated every epoch) its best epoch beside it
+    got = [(r["stage"], r["split"], r["metric"]) for r in rows]
+    assert got[0] == ("cld_probe", "test", "linear_top1")
+    assert set(got[1:]) <= {("cld_probe", "test", "linear_top1_selected_on_test")}
     assert 0.0 <= rows[0]["value"] <= 1.0
 
 
@@ -367,3 +382,147 @@ def test_views_dataset():
     t = build_cld_transform("npid", DIGITS, flip_p=0.0, grayscale_p=0.0)
     views, y, i = CLDViews(base, [t, t, t])[5]
     assert views.shape == (3, 1, 8, 8) and y == int(base.targets[5]) and i == 5
+
+
+# ------------------------------------------------------------- the original baselines (AUDIT A4)
+def test_single_view_npid_uses_one_view_for_loss_and_memory():
+    """NPID's cifar.py: one view per image reaches the loss (CE on the memory before the step), and the
+    memory rows of the batch then take that view's features (m 0.5)."""
+    ds = _digits_views(8, 1)
+    module = CLDModule(_model(), _cfg(views=1, **{"lambda": 0.0}), num_train=12)
+    mem0 = module.memory.clone()
+    x, _, idx = next(iter(DataLoader(ds, batch_size=8)))
+    assert x.shape[1] == 1
+    trainer = _fit(module, ds, 8)
+    with torch.no_grad():  # lr 0: the step's features can be recomputed
+        module.model.train()
+        f = module.model(x[:, 0], two_branch=False)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(npid_loss(f, idx, mem0, 0.1)), rel=1e-5)
+    torch.testing.assert_close(module.memory, memory_bank_update(mem0, f, idx, 0.5))
+    assert torch.equal(module.memory[8:], mem0[8:])
+    # the CLD term needs two query views; a view count of no recipe is refused
+    with pytest.raises(NcdError, match="cld.views 1 .* needs cld.lambda 0"):
+        check_views("npid", 1, 1.0)
+    with pytest.raises(NcdError, match="cld.views 3 does not fit cld.instance 'npid'"):
+        check_views("npid", 3, 0.0)
+    with pytest.raises(NcdError, match="cld.views 2 does not fit cld.instance 'infomin'"):
+        check_views("infomin", 2, 0.0)
+    assert check_views("mocov2", None, 0.25) == 3 and check_views("mocov2", 2, 0.0) == 2
+
+
+def test_mocov2_two_crops_one_query_one_key():
+    """main_moco.py: crop 1 is the query, crop 2 the key from the EMA encoder; the loss is that one
+    query's InfoNCE, and the queue then takes the keys."""
+    ds = _digits_views(6, 2)
+    module = CLDModule(_model(), _cfg(instance="mocov2", views=2, ema=0.9, queue_size=10, temperature=0.2,
+                                      **{"lambda": 0.0}), num_train=6)
+    with torch.no_grad():  # a key encoder that differs from the query encoder
+        for p in module.model_ema.parameters():
+            p.add_(0.1)
+    ema0, q0 = copy.deepcopy(module.model_ema), module.queue.clone()
+    x, _, _ = next(iter(DataLoader(ds, batch_size=6)))
+    trainer = _fit(module, ds, 6)
+    with torch.no_grad():
+        ema0.train()
+        module.model.train()
+        keys = ema0(x[:, 1], two_branch=False)
+        q = module.model(x[:, 0], two_branch=False)
+    want = torch.nn.functional.cross_entropy(moco_logits(q, keys, q0, 0.2), torch.zeros(6, dtype=torch.long))
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(want), rel=1e-5)
+    assert int(module.queue_ptr) == 6  # one key per image, not two
+    torch.testing.assert_close(module.queue[:6], keys)
+    for pe, p, p0 in zip(module.model_ema.parameters(), module.model.parameters(), ema0.parameters()):
+        torch.testing.assert_close(pe, 0.9 * p0 + 0.1 * p)
+
+
+def test_lemniscate_step_schedule():
+    s = {"name": "multistep", "milestones": [120, 160], "gamma": 0.1}
+    assert [cld_lr(s, 0.03, 200, e, 0, 10, 0) for e in (0, 119, 120, 159, 160, 199)] == pytest.approx(
+        [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
+
+
+def test_knn_monitor_on_the_memory_bank():
+    """NPID's cifar.py monitors kNN against the memory bank (recompute_memory=0): only the test images
+    are embedded, the memory rows are the train features."""
+    base = build_dataset("digits", "unused", "train")
+    n, n_test = 16, 8
+    t = build_cld_transform("test", DIGITS)
+    train_eval = Transformed(torch.utils.data.Subset(base, range(n)), t)
+    test_eval = Transformed(torch.utils.data.Subset(build_dataset("digits", "unused", "test"), range(n_test)), t)
+    val = KnnSplits(train_eval, test_eval, train_rows=False)
+    assert len(val) == n_test and val[0][2] == n
+    labels = torch.as_tensor(base.targets[:n], dtype=torch.long)
+    cfg = _cfg(views=1, knn_every=1, knn_train_features="memory", **{"lambda": 0.0})
+    module = CLDModule(_model(), cfg, num_train=n, num_classes=10, num_knn_train=n, knn_k=5, knn_train_labels=labels)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(_digits_views(n, 1), batch_size=8), DataLoader(val, batch_size=4))
+    with torch.no_grad():
+        module.model.eval()
+        f = module.model(torch.stack([test_eval[i][0] for i in range(n_test)]), two_branch=False)
+    y = torch.as_tensor([test_eval[i][1] for i in range(n_test)])
+    want = weighted_knn(module.memory, labels, f, y, 10, k=5, sigma=0.1)["top1"]
+    assert module.knn_history == [(1, pytest.approx(want))]
+    with pytest.raises(NcdError, match="needs NPID's memory bank"):
+        CLDModule(_model(), _cfg(instance="moco", knn_train_features="memory"), num_train=4)
+
+
+def test_knn_best_is_the_earliest_best_epoch():
+    module = CLDModule(_model(), _cfg(), num_train=4)
+    assert module.knn_best is None
+    module.knn_history = [(1, 0.5), (2, 0.7), (3, 0.7), (4, 0.6)]
+    assert module.knn_best == (2, 0.7)
+
+
+# -------------------------------------------------------------------- backbone init (AUDIT A7)
+def _convs(m: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    return [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+
+
+def test_cld_backbone_keeps_pytorchs_default_conv_init():
+    """CLD's models/resnet_cifar.py has no init loop: convs keep kaiming_uniform(a = sqrt 5), i.e.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); SCAN's users keep Kaiming-normal(fan_out)."""
+    torch.manual_seed(0)
+    root = Path("unused")
+    cfg = resolve_experiment(load_config([ROOT / "config.yaml", ROOT / "workflow/experiments/paper.yaml"]),
+                             "cld_cifar10_npid")
+    assert cfg["cld"]["backbone_init"] == "torch"
+    model, _ = build_model(RunContext("cld_cifar10_npid", 0, "cld", cfg, root, root), get_info("cifar10"))
+    for conv in _convs(model.backbone):
+        w = conv.weight.detach()
+        bound = 1 / math.sqrt(w[0].numel())
+        assert w.abs().max() <= bound
+        if w.numel() > 50_000:  # uniform: std = bound / sqrt(3)
+            assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    kaiming, _ = build_cld_backbone("resnet18_cifar", 3, 4)  # the registry's (SCAN's) init
+    assert isinstance(kaiming, ResNetSmallImages)
+    w = _convs(kaiming)[-2].weight.detach()  # layer4's last 3x3 conv, fan_out = fan_in = 4608
+    assert float(w.std()) == pytest.approx(math.sqrt(2 / (w.shape[0] * w[0, 0].numel())), rel=0.05)
+    assert w.abs().max() > 1 / math.sqrt(w[0].numel())  # the normal tail leaves the uniform bound
+    with pytest.raises(NcdError, match="unknown ResNet init 'xavier'"):
+        ResNetSmallImages(init="xavier")
+
+
+# ------------------------------------------------------------------ last partial batch (AUDIT A10)
+def test_last_partial_batch_is_kept_and_clustered(tmp_path, monkeypatch):
+    """CLD's CIFAR loaders keep the last batch; k-means then sees fewer rows than groups, as CLD's KMeans
+    does (no error). MoCo v2's main_moco.py drops it."""
+    assert [train_drop_last(i, None) for i in ("npid", "moco", "mocov2", "infomin")] == [False, False, True, False]
+    assert train_drop_last("mocov2", False) is False and train_drop_last("npid", True) is True
+    cfg = resolve_experiment(load_config([ROOT / "config.yaml"]), "cld_digits")
+    cfg["backbone_kwargs"] = {"width": 4, "pool": 1}
+    cfg["cld"].update(epochs=1, batch_size=400, num_clusters=64, knn_every=0, low_dim=8)
+    sizes: list[int] = []
+    import ncd.methods.cld as cld_mod
+
+    real = cld_mod.cld_loss
+
+    def spy(f1, f2, num_clusters, *a, **k):
+        sizes.append(f1.shape[0])
+        return real(f1, f2, num_clusters, *a, **k)
+
+    monkeypatch.setattr(cld_mod, "cld_loss", spy)
+    ctx = _ctx(tmp_path, "cld_digits", cfg, tmp_path / "data")
+    run_cld(ctx, ctx.out_dir / "model.ckpt")
+    assert sizes == [400, 400, 400, 1257 - 3 * 400]  # 57 rows < 64 groups
+    assert load_model(ctx.out_dir / "model.ckpt")["meta"]["nan_steps"] == 0
