@@ -433,11 +433,15 @@ class Data:
         elif key == "stl10":
             write_stl10(root, max(n, 10), n_test, self.rng)
         elif key == "imagenet-uno":
-            # UNO's split needs all 1000 class folders, each with an image (torchvision refuses empty ones)
-            write_imagenet(root, _spread(uno_imagenet_wnid_list(), max(n, 1000)), {}, self.jpegs())
+            # UNO's split needs all 1000 class folders, each with an image (torchvision refuses empty ones);
+            # val holds n_test images of the first classes, for the CLD probe's per-epoch validation
+            wnids = uno_imagenet_wnid_list()
+            n_val = max(1, min(n_test, len(wnids)))
+            write_imagenet(root, _spread(wnids, max(n, 1000)), _spread(wnids[:n_val], n_test), self.jpegs())
         elif key in ("imagenet", "imagenet-subsets"):
             wnids = [w for w, _ in imagenet_subset_classes(50)][:IMAGENET_CLASSES]
-            write_imagenet(root, _spread(wnids, n), _spread(wnids, n_test), self.jpegs())
+            n_val = max(1, min(n_test, len(wnids)))  # no empty val folder: torchvision refuses one
+            write_imagenet(root, _spread(wnids, n), _spread(wnids[:n_val], n_test), self.jpegs())
         else:
             raise CheckError(f"gpu_check cannot fabricate dataset folder {key!r}")
         return root

@@ -30,8 +30,9 @@ PAPER_RUN = ["kmeans_cifar10", "scan_cifar10", "kmeans_cifar100-20", "scan_cifar
              "scan_stl10", "scan_imagenet-50", "scan_imagenet-100", "scan_imagenet-200",
              "uno_cifar10", "uno_cifar100-80-20", "uno_cifar100-50-50", "uno_imagenet-A", "uno_imagenet-B",
              "uno_imagenet-C", "sela_cifar10", "sela_imagenet_alexnet", "sela_imagenet_resnet50",
-             "cld_cifar10_npid", "npid_cifar10", "cld_cifar100_npid", "npid_cifar100", "cld_cifar10_moco",
-             "moco_cifar10", "cld_cifar100_moco", "moco_cifar100", "cld_imagenet_mocov2", "mocov2_imagenet",
+             "cld_cifar10_npid", "npid_cifar10_original", "npid_cifar10", "cld_cifar100_npid",
+             "npid_cifar100_original", "npid_cifar100", "cld_cifar10_moco", "moco_cifar10", "cld_cifar100_moco",
+             "moco_cifar100", "cld_imagenet_mocov2", "mocov2_imagenet_original", "mocov2_imagenet",
              "cld_imagenet_infomin", "infomin_imagenet", "twostage_cifar10", "twostage_cifar100-20",
              "twostage_cifar100", "twostage_stl10"]
 

@@ -66,9 +66,11 @@ def test_paper_dag_without_data(tmp_path):
     assert c["cluster"] == 15
     # UNO: CIFAR-10 5/5, CIFAR-100 80/20 and 50/50 (5 seeds), ImageNet A/B/C (3 seeds)
     assert c["pretrain_supervised"] == c["discover"] == 3 * 5 + 3 * 3
-    # CLD: NPID and MoCo on CIFAR-10/100 with their lambda = 0 baselines (3 seeds), MoCo v2 and InfoMin
-    # on ImageNet with theirs (1 seed)
-    assert c["cld"] == 8 * 3 + 4 * 1
+    # CLD: NPID and MoCo on CIFAR-10/100 with their lambda = 0 ablations and NPID's original-recipe
+    # baselines (3 seeds), MoCo v2 and InfoMin on ImageNet with their ablations and MoCo v2's original
+    # recipe (1 seed); the ImageNet ones each with a linear probe
+    assert c["cld"] == 10 * 3 + 5 * 1
+    assert c["cld_probe"] == 5
     # SeLa: CIFAR-10 (3 seeds), AlexNet and ResNet-50 10x3k on ImageNet (1 seed)
     assert c["sela"] == 3 + 2
     # two-stage: CIFAR-10, CIFAR-100-20, CIFAR-100, STL-10 (5 seeds); the stage-2-only ablation is not in `all`
