@@ -137,7 +137,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 METRICS_COLUMNS: tuple[str, ...] = ("experiment", "method", "stage", "dataset", "split", "seed", "head", "metric",
                                     "value")
 SPLITS: tuple[str, ...] = ("train", "test", "train-novel", "test-novel", "test-known")
-METRICS: tuple[str, ...] = ("acc", "nmi", "ari", "ami", "acc_top5", "acc_agnostic", "knn_top1", "linear_top1")
+METRICS: tuple[str, ...] = ("acc", "nmi", "ari", "ami", "acc_top5", "acc_agnostic", "knn_top1", "linear_top1",
+                            # best over epochs, chosen on the test split (ncd.eval.rows.selected_on_test)
+                            "knn_top1_selected_on_test", "linear_top1_selected_on_test")
 
 # the block the evaluate command reads besides the evaluated stage's own slice
 EVALUATE_BLOCKS: tuple[str, ...] = ("evaluate",)
