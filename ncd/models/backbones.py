@@ -59,7 +59,9 @@ def build_backbone(name: str, in_channels: int = 3, pretrained: bool = False, **
     if name == "resnet18_lowres":
         return _resnet18_lowres(in_channels)
     if name in ("resnet18_cifar", "resnet18_stl"):
-        return ResNetSmallImages(in_channels=in_channels, stem=name.split("_")[1]), 512
+        # init: "kaiming" (SCAN's) or "torch" (PyTorch's layer defaults, CLD's CIFAR ResNet)
+        return ResNetSmallImages(in_channels=in_channels, stem=name.split("_")[1],
+                                 init=kwargs.get("init", "kaiming")), 512
     if name in ("resnet18", "resnet50"):
         return _torchvision_resnet(name, in_channels, pretrained)
     if name == "sela_alexnet":

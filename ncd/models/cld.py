@@ -17,7 +17,6 @@ from torch.nn import functional as F
 
 from ncd.errors import NcdError
 from ncd.models.backbones import build_backbone
-from ncd.models.resnet import ResNetSmallImages
 
 HEADS = ("linear", "normlinear")
 
@@ -133,9 +132,8 @@ def build_cld_backbone(name: str, in_channels: int, pool_len: int = 0, *, init: 
     (no init loop there); other backbones keep their own init (torchvision's ResNet-50 is what
     CLD's ImageNet ``models/ResNet.py`` and MoCo's ``main_moco.py`` use)."""
     if init is not None and name in ("resnet18_cifar", "resnet18_stl"):
-        backbone, dim = ResNetSmallImages(in_channels=in_channels, stem=name.split("_")[1], init=init), 512
-    else:
-        backbone, dim = build_backbone(name, in_channels, **kwargs)
+        kwargs = {**kwargs, "init": init}
+    backbone, dim = build_backbone(name, in_channels, **kwargs)
     if pool_len:
         if name != "resnet18_cifar":
             raise NcdError(f"cld.pool_len applies to the resnet18_cifar backbone only, got backbone {name!r}")
