@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import os
+import random
 import signal
 import threading
 import time
@@ -18,10 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ncd.checkpoint import load_state_strict
@@ -66,12 +68,146 @@ class RunContext:
                 "config_hash": config_hash(self.cfg), "wall_time_s": time.time() - self.started, **extra}
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that is a fixed function of ``(seed, *keys)`` (SplitMix64 chained over the parts),
+    so that e.g. seed 1's epoch 0 and seed 0's epoch 1 draw unrelated streams (unlike ``seed + epoch``)."""
+    h = _splitmix64(int(seed) & _MASK64)
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return h >> 1
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator a stage draws from: torch (CPU and every CUDA device), Python's
+    ``random`` and NumPy's global generator."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+
+
+class SeededItems(Dataset):
+    """Item ``(epoch, i)`` is ``base[i]`` drawn with every generator seeded from ``(seed, epoch, i)``.
+
+    Each sample's augmentation is then a function of the seed, the epoch and the sample alone: the
+    same in a resumed run as in an uninterrupted one, whichever worker process loads it and however
+    many workers there are. (Generators are reseeded, not restored: the training loop reseeds them
+    before every step, see :class:`SeedEveryStep`.)"""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed = base, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        seed_all(derive_seed(self.seed, epoch, i))
+        return self.base[i]
+
+
+class EpochSampler(DistributedSampler):
+    """The training order of one epoch: a permutation drawn from ``(seed, epoch)`` (or the identity when
+    not shuffling), split over the DDP ranks as :class:`~torch.utils.data.DistributedSampler` does
+    (padded to a multiple of the world size), yielding ``(epoch, index)`` for :class:`SeededItems`.
+
+    A DistributedSampler subclass, so Lightning keeps it under DDP instead of injecting its own; the
+    world size and rank are read when an epoch starts (the process group exists only inside ``fit``).
+    ``skip`` indices at the start of the next epoch are passed over (a resumed epoch)."""
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=int(seed), drop_last=False)
+        self.skip = 0
+
+    def _world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def __len__(self) -> int:
+        world, _ = self._world()
+        return math.ceil(len(self.dataset) / world)
+
+    def __iter__(self):
+        world, rank = self._world()
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        total = math.ceil(n / world) * world
+        order += (order * math.ceil(total / max(1, n)))[: total - n]  # pad, as DistributedSampler does
+        mine = order[rank:total:world]
+        epoch, skip, self.skip = self.epoch, self.skip, 0
+        # materialised now, not lazily: with DataLoader workers the first indices are taken when the
+        # iterator is created, and the epoch/skip must be those of that moment either way
+        return iter([(epoch, i) for i in mine[skip:]])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position Lightning saves in ``last.ckpt`` and restores on resume.
+
+    Its state is the epoch of the current pass and how many batches of it were handed out; a resumed
+    run skips exactly those (their indices, not their loading), and the rest of the epoch is the one
+    an uninterrupted run would have seen. Lightning saves ``state_dict()`` with every checkpoint and
+    calls ``load_state_dict`` before it iterates a resumed epoch (its ``_Stateful`` loaders)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSampler):
+            raise TypeError("ResumableLoader needs an EpochSampler")
+        self._pass_epoch = 0
+        self._handed_out = 0
+        self._pending_skip = 0
+
+    def __iter__(self):
+        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        skip, self._pending_skip = self._pending_skip, 0
+        sampler.skip = skip * int(self.batch_size or 1)
+        self._pass_epoch, self._handed_out = sampler.epoch, skip
+        return self._count(super().__iter__())
+
+    def _count(self, it):
+        for batch in it:
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch of the current pass and the batches of it handed to the training loop."""
+        return {"epoch": int(self._pass_epoch), "batches": int(self._handed_out), "length": len(self)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume there: the rest of that epoch, or the next epoch if it was complete."""
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        if int(state.get("length", len(self))) != len(self):
+            raise NcdError(f"last.ckpt was saved with {state.get('length')} batches per epoch, this run has "
+                           f"{len(self)}: the data changed; delete last.ckpt to start afresh")
+        if done >= len(self):
+            epoch, done = epoch + 1, 0
+        self.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        self._pending_skip = done
+
+
 def make_loader(ds: Dataset, batch_size: int, ctx: RunContext, train: bool, *, drop_last: bool | None = None,
                 shuffle: bool | None = None) -> DataLoader:
     """Train loaders shuffle and drop the last partial batch (as SCAN's code); eval loaders don't.
 
     ``drop_last`` and ``shuffle`` override that default where an official loader differs (CLD's
-    CIFAR loaders keep the last batch; SeLa's label pass reads the images shuffled)."""
+    CIFAR loaders keep the last batch; SeLa's label pass reads the images shuffled).
+
+    A training loader (``train=True``) is a :class:`ResumableLoader`: its order is drawn from (seed,
+    epoch), each sample's augmentation from (seed, epoch, index), and its position travels in
+    last.ckpt, so a resumed run is bit-identical to an uninterrupted one."""
     drop_last = train if drop_last is None else bool(drop_last)
     shuffle = train if shuffle is None else bool(shuffle)
     if train and drop_last and len(ds) < batch_size:
@@ -80,10 +216,12 @@ def make_loader(ds: Dataset, batch_size: int, ctx: RunContext, train: bool, *, d
             f"images; expected a batch size of at most {len(ds)}"
         )
     workers = int(ctx.runtime.get("num_workers", 0))
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-    )
+    common = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    if train:
+        items = SeededItems(ds, ctx.seed)
+        return ResumableLoader(items, sampler=EpochSampler(items, ctx.seed, shuffle=shuffle), **common)
+    return DataLoader(ds, shuffle=shuffle, **common)
 
 
 def build_optimizer(params, opt_cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -125,14 +263,22 @@ def build_scheduler(opt: torch.optim.Optimizer, sched_cfg: dict[str, Any], epoch
     raise NcdError(f"unknown scheduler {name!r}; expected 'constant', 'cosine' or 'warmup_cosine'")
 
 
-# Test hook (tests/test_stages.py): with this variable set, a stage kills itself with SIGKILL right
-# after its first last.ckpt, as a cluster's OOM killer or a node failure would.
+# Test hook (tests/test_stages.py): with this variable set to n, a stage kills itself with SIGKILL right
+# after its n-th last.ckpt ("1": the first), as a cluster's OOM killer or a node failure would.
 KILL_AFTER_SAVE = "NCD_TEST_KILL_AFTER_SAVE"
+
+# Test hook (tests/test_stages.py): with this variable set to e, a stage saves last.ckpt after the middle
+# batch of epoch e (0-based) and kills itself with SIGKILL right after: a node failure mid-epoch.
+KILL_MID_EPOCH = "NCD_TEST_KILL_MID_EPOCH"
 
 
 # Test hook (tests/methods/test_ddp.py): with this variable set to k, rank 0 raises SIGUSR1 on itself
 # after its k-th training batch, as SLURM's time-limit signal reaching one rank first would.
 SIGNAL_AT_STEP = "NCD_TEST_SIGNAL_AT_STEP"
+
+# Test hook (tests/test_stages.py): with this variable set to e, the process raises SIGUSR1 on itself after
+# the middle batch of epoch e (0-based): SLURM's time-limit signal arriving mid-epoch.
+SIGNAL_MID_EPOCH = "NCD_TEST_SIGNAL_MID_EPOCH"
 
 #: Factories of extra callbacks every :func:`fit` adds (after its own): the GPU check
 #: (``benchmarks/gpu_check.py``) times steps and stops runs through it. Empty in the pipeline.
@@ -160,13 +306,59 @@ def complete(ctx: RunContext, save: Callable[[], Any]) -> None:
     barrier()
 
 
-class AtomicLastCheckpoint(L.Callback):
-    """Writes ``last.ckpt`` at the end of every epoch through a temp file and a rename, so a
-    killed job resumes from the last complete epoch and never from a torn file."""
+class SeedEveryStep(L.Callback):
+    """Reseeds every generator (torch CPU and CUDA, ``random``, NumPy) from ``(seed, epoch, batch, rank)``
+    before each training step, and from ``(seed, epoch, phase, rank)`` before the epoch-level hooks.
 
-    def __init__(self, path: Path, cfg_hash: str) -> None:
+    So every random draw of a step (dropout, noise, k-means inits, a label pass's shuffle) depends on
+    where the step is, not on what ran before it in this process: a run resumed at any batch draws
+    exactly what an uninterrupted one would. Registered first, so it runs before the other callbacks'
+    and the module's hooks of the same name."""
+
+    EPOCH_START, EPOCH_END, VALIDATION = -1, -2, -3
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def _seed(self, trainer: L.Trainer, *where: int) -> None:
+        seed_all(derive_seed(self.seed, trainer.current_epoch, *where, trainer.global_rank))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seed(trainer, self.EPOCH_START)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._seed(trainer, batch_idx)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seed(trainer, self.VALIDATION)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seed(trainer, self.EPOCH_END)
+
+
+class AtomicLastCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` at the end of every epoch (and every ``every_n_steps`` training batches
+    when that is > 0) through a temp file and a rename, so a killed job resumes from the last save and
+    never from a torn file."""
+
+    def __init__(self, path: Path, cfg_hash: str, every_n_steps: int = 0) -> None:
         self.path = Path(path)
         self.cfg_hash = cfg_hash
+        self.every_n_steps = int(every_n_steps)
+        self.saves = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches  # the epoch-end save follows
+        mid = os.environ.get(KILL_MID_EPOCH)
+        if mid and trainer.current_epoch == int(mid) and batch_idx == max(0, trainer.num_training_batches // 2 - 1):
+            self.save(trainer)
+            log.warning("test hook %s: killed after epoch %d, batch %d", KILL_MID_EPOCH, trainer.current_epoch + 1,
+                        batch_idx + 1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.every_n_steps > 0 and not last_of_epoch and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.every_n_steps == 0:
+            self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -175,14 +367,17 @@ class AtomicLastCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         """Write last.ckpt now (every rank must call it: saving is a collective step under DDP)."""
+        self.saves += 1
         if not trainer.is_global_zero:
-            trainer.save_checkpoint(self.path)  # only rank 0 writes; the others join the barrier
+            # only rank 0 writes; the others join the barrier
+            trainer.save_checkpoint(self.path, weights_only=False)
             return
         with atomic_path(self.path) as tmp:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)
         # the sidecar says which config made last.ckpt, so a rerun with other params starts afresh
         write_text_atomic(_sidecar(self.path), self.cfg_hash + "\n")
-        if os.environ.get(KILL_AFTER_SAVE):
+        kill_at = os.environ.get(KILL_AFTER_SAVE)
+        if kill_at and self.saves >= int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die at the worst moment, right after a save
 
 
@@ -225,6 +420,10 @@ class SaveOnSignal(L.Callback):
         at = os.environ.get(SIGNAL_AT_STEP)
         if at and trainer.is_global_zero and self.received is None and trainer.global_step >= int(at):
             signal.raise_signal(signal.SIGUSR1)  # test hook: the time-limit signal reaches rank 0 only
+        mid = os.environ.get(SIGNAL_MID_EPOCH)
+        if (mid and self.received is None and trainer.current_epoch == int(mid)
+                and batch_idx == max(0, trainer.num_training_batches // 2 - 1)):
+            signal.raise_signal(signal.SIGUSR1)  # test hook: the time-limit signal mid-epoch
         if not self._stop_now(trainer, batch_idx):
             return
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
@@ -344,8 +543,10 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
             # not deleted: under DDP every rank reads it here, and the first epoch's save replaces it
             log.warning("ignoring %s: it was written under another configuration", last)
             resume = False
+    if resume and not readable_resume_checkpoint(last):
+        resume = False
     history = History(ctx.out_dir / "history.csv")
-    last_ckpt = AtomicLastCheckpoint(last, cfg_hash)
+    last_ckpt = AtomicLastCheckpoint(last, cfg_hash, int(rt.get("checkpoint_every_n_steps", 0)))
     trainer = L.Trainer(
         accelerator=rt.get("accelerator", "auto"),
         devices=devices,
@@ -357,8 +558,9 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        # history first: its rows go into the checkpoint
-        callbacks=[history, last_ckpt, SaveOnSignal(last_ckpt)] + [make() for make in EXTRA_CALLBACKS],
+        # the reseeding first (its hooks run before the others'), then history: its rows go into the checkpoint
+        callbacks=[SeedEveryStep(ctx.seed), history, last_ckpt, SaveOnSignal(last_ckpt)]
+        + [make() for make in EXTRA_CALLBACKS],
         plugins=cluster_plugins(devices),
         log_every_n_steps=1,
         num_sanity_val_steps=0,
@@ -373,10 +575,38 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
     # History averages the epoch metrics over the ranks itself (one gather per epoch), so Lightning's
     # advice to sync every logged value (a collective per metric) does not apply
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
-    with skip_value_checks():  # no host syncs for range checks inside the training loop (AUDIT B6)
+    # a run resumed mid-epoch is exact (ResumableLoader, SeedEveryStep); Lightning cannot see that for
+    # a loader it does not know, e.g. a test's plain DataLoader, and its warning says so
+    with skip_value_checks(), torch.serialization.safe_globals(RESUME_SAFE_GLOBALS):
+        # weights_only: last.ckpt may come from elsewhere (a shared folder, a pull) and must not run code
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt,
-                    weights_only=False)
+                    weights_only=True)
     return trainer
+
+
+#: The few non-tensor types a last.ckpt holds besides containers and numbers (NumPy scalars in logged
+#: values); everything else is refused by ``torch.load(weights_only=True)``.
+RESUME_SAFE_GLOBALS: list = [getattr(np, "_core", np).multiarray.scalar, np.dtype,
+                             *{type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)}]
+
+
+def readable_resume_checkpoint(path: Path) -> bool:
+    """Whether ``path`` loads as a resume checkpoint without running code. An unreadable one (torn by
+    a full disk, corrupted, or a pickle with code in it) is moved aside to ``<name>.unreadable`` with a
+    warning, and the stage starts afresh instead of failing on every rerun."""
+    try:
+        with torch.serialization.safe_globals(RESUME_SAFE_GLOBALS):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or "state_dict" not in blob or "loops" not in blob:
+            raise ValueError("not a Lightning training checkpoint (no 'state_dict' and 'loops')")
+    except Exception as e:  # noqa: BLE001 - any failure to read it means: do not resume from it
+        if is_rank_zero():
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            log.warning("cannot resume from %s (%s: %s); moved it to %s and starting afresh", path,
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", aside)
+        return False
+    return True
 
 
 def cluster_plugins(devices: int) -> list:

@@ -98,8 +98,12 @@ class SelfLabelModule(L.LightningModule):
         self.log("train/confident_fraction", frac, on_step=False, on_epoch=True, batch_size=b)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and outputs is not None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA steps right after the optimizer, inside the batch: a checkpoint written at the end of
+        # the batch (on_train_batch_end callbacks run before the module's hook) then holds it already
+        skipped_before = self.skipped
+        super().optimizer_step(*args, **kwargs)  # runs training_step (in the closure), then the update
+        if self.ema is not None and (self.skipped == skipped_before or self.trainer.world_size > 1):
             self.ema.step(self.model)
 
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -246,7 +246,8 @@ def discover_loader(ctx: RunContext, base: Dataset, known: list[int], novel: lis
     lab = Relabeled(base, known, novel, transforms, classes="known")
     unlab = Relabeled(base, known, novel, transforms, classes="novel")
     loader = make_loader(Paired(lab, unlab), bs // 2, ctx, train=True)
-    # a public DataLoader attribute: Lightning carries it over when it rebuilds the loader for DDP
+    # a public DataLoader attribute, settable after construction (the loader is not rebuilt under DDP:
+    # its EpochSampler already shards the pairs over the ranks)
     loader.collate_fn = collate_paired
     return loader, (f"paired batches of {bs // 2} known + {bs // 2} novel rows from {len(lab)} known and "
                     f"{len(unlab)} novel images (the smaller set cycled)")

@@ -228,18 +228,63 @@ def test_make_loader_defaults_and_overrides(tmp_path):
     (CLD's CIFAR loaders keep it, SeLa's label pass reads shuffled): the keyword overrides."""
     from torch.utils.data import RandomSampler, SequentialSampler, TensorDataset
 
-    from ncd.methods.common import make_loader
+    from ncd.methods.common import EpochSampler, make_loader
 
     ds = TensorDataset(torch.arange(10))
     ctx = RunContext("e", 0, "s", {"runtime": {"num_workers": 0}}, tmp_path, tmp_path)
     train, ev = make_loader(ds, 4, ctx, train=True), make_loader(ds, 4, ctx, train=False)
-    assert (len(train), train.drop_last, isinstance(train.sampler, RandomSampler)) == (2, True, True)
+    assert (len(train), train.drop_last, isinstance(train.sampler, EpochSampler), train.sampler.shuffle) == \
+        (2, True, True, True)
     assert (len(ev), ev.drop_last, isinstance(ev.sampler, SequentialSampler)) == (3, False, True)
     keep = make_loader(ds, 4, ctx, train=True, drop_last=False)
-    assert len(keep) == 3 and isinstance(keep.sampler, RandomSampler)
+    assert len(keep) == 3 and keep.sampler.shuffle
     assert sorted(int(i) for (b,) in keep for i in b) == list(range(10))
+    assert [int(i) for (b,) in keep for i in b] != list(range(10))  # shuffled
     shuffled = make_loader(ds, 4, ctx, train=False, shuffle=True)
     assert len(shuffled) == 3 and isinstance(shuffled.sampler, RandomSampler)
     assert len(make_loader(ds, 16, ctx, train=True, drop_last=False)) == 1  # smaller than a batch: one batch
     with pytest.raises(NcdError, match="batch_size 16 .* larger than its 10 training images"):
         make_loader(ds, 16, ctx, train=True)
+
+
+def test_training_order_and_augmentation_are_functions_of_seed_epoch_and_index(tmp_path):
+    """The resumable training loader: each epoch's order comes from (seed, epoch); each sample's random
+    draws from (seed, epoch, index), whichever worker loads it; a restored state skips exactly the batches
+    already handed out, and a complete epoch's state resumes at the next epoch."""
+    from torch.utils.data import Dataset
+
+    from ncd.methods.common import make_loader
+
+    class Noisy(Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int):
+            return torch.rand(()), i  # the "augmentation": a draw from the global generator
+
+    def run(seed: int, epoch: int, workers: int = 0, state: dict | None = None):
+        ctx = RunContext("e", seed, "s", {"runtime": {"num_workers": workers}}, tmp_path, tmp_path)
+        loader = make_loader(Noisy(), 3, ctx, train=True)
+        loader.sampler.set_epoch(epoch)
+        if state is not None:
+            loader.load_state_dict(state)
+        return [(float(x), int(i)) for xb, ib in loader for x, i in zip(xb, ib)], loader
+
+    a, _ = run(0, 0)
+    assert run(0, 0)[0] == a and run(0, 0, workers=2)[0] == a  # workers change nothing
+    assert sorted(i for _, i in a) == list(range(12))
+    assert [i for _, i in run(0, 1)[0]] != [i for _, i in a]  # a new order every epoch
+    assert [i for _, i in run(1, 0)[0]] != [i for _, i in a]  # and every seed
+    assert dict((i, x) for x, i in run(1, 0)[0]) != dict((i, x) for x, i in a)
+    # position: 2 of 4 batches handed out, then a restart
+    _, loader = run(0, 0)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 2, "length": 4}
+    rest, _ = run(0, 5, state=state)  # the restored epoch wins over the default one
+    assert rest == a[6:]
+    nxt, _ = run(0, 0, state={"epoch": 0, "batches": 4, "length": 4})
+    assert nxt == run(0, 1)[0]
+    with pytest.raises(NcdError, match="batches per epoch"):
+        run(0, 0, state={"epoch": 0, "batches": 1, "length": 7})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import signal
 import subprocess
@@ -105,3 +106,76 @@ def test_time_limit_signal_saves_mid_epoch_and_the_retry_resumes(tmp_path, sig):
     rows = list(csv.DictReader((tmp_path / "run/pretrain/history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
     assert (tmp_path / "run/pretrain/model.ckpt").is_file()
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_workers_is_exact_and_workers_do_not_change_the_run(tmp_path):
+    """Order and augmentation are functions of (seed, epoch, index), not of which process loads a sample:
+    a run with 2 DataLoader workers killed mid-epoch and resumed ends bit-identical to an uninterrupted
+    run without workers (and so to one with them)."""
+    from ncd.methods.common import KILL_MID_EPOCH
+
+    cfg = _cfg(2)
+    straight = tmp_path / "straight"
+    r = subprocess.run(_cmd(straight, cfg), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg["runtime"] = {**cfg["runtime"], "num_workers": 2}
+    killed = tmp_path / "killed"
+    r = subprocess.run(_cmd(killed, cfg), cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, KILL_MID_EPOCH: "1"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (killed / "run/pretrain/last.ckpt").is_file()
+    r = subprocess.run(_cmd(killed, cfg), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _state(straight / "run/pretrain/model.ckpt"), _state(killed / "run/pretrain/model.ckpt")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+class _RunsCode:
+    """Unpickling this touches a file: the proof a checkpoint ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.timeout(300)
+def test_a_crafted_last_checkpoint_runs_no_code(tmp_path):
+    """A last.ckpt that is a pickle with code, next to a matching config sidecar (computable from the public
+    config), is not unpickled: it is moved aside with a warning and the stage starts afresh."""
+    from ncd.config import check_stage_config
+    from ncd.utils import config_hash
+
+    cfg = _cfg(1)
+    out = tmp_path / "run/pretrain"
+    out.mkdir(parents=True)
+    proof = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "loops": {}, "payload": _RunsCode(str(proof))}, out / "last.ckpt")
+    (out / "last.ckpt.config").write_text(config_hash(check_stage_config("scan_digits", "pretrain", cfg)) + "\n")
+    r = subprocess.run(_cmd(tmp_path, cfg), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not proof.exists(), "loading last.ckpt ran code"
+    log = (tmp_path / "pretrain.log").read_text()
+    assert "cannot resume from" in log and "resuming stage" not in log
+    assert (out / "last.ckpt.unreadable").is_file() and (out / "model.ckpt").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_a_torn_last_checkpoint_starts_afresh_instead_of_failing_every_rerun(tmp_path):
+    cfg = _cfg(1)
+    out = tmp_path / "run/pretrain"
+    out.mkdir(parents=True)
+    (out / "last.ckpt").write_bytes(b"PK\x03\x04 torn by a full disk")
+    from ncd.config import check_stage_config
+    from ncd.utils import config_hash
+    (out / "last.ckpt.config").write_text(config_hash(check_stage_config("scan_digits", "pretrain", cfg)) + "\n")
+    r = subprocess.run(_cmd(tmp_path, cfg), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cannot resume from" in (tmp_path / "pretrain.log").read_text()
+    assert (out / "model.ckpt").is_file()

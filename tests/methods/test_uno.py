@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 from torch import nn
 
 from ncd.checkpoint import load_model
@@ -218,13 +219,12 @@ def test_batching_auto_follows_the_dataset():
         check_experiment("uno_digits", cfg)
 
 
-def test_paired_loader_under_ddp_keeps_half_and_half_per_device(tmp_path):
-    """Lightning rebuilds the train loader with a DistributedSampler per rank (as PL 1.1 did for UNO): each
-    rank then gets batches of b/2 known + b/2 novel rows (the per-GPU sizes of --batch_size b) over its half
-    of the pairs. The rebuild is Lightning's own function; no process group is needed for it."""
-    from lightning.pytorch.trainer.states import RunningStage
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import DistributedSampler
+def test_paired_loader_under_ddp_keeps_half_and_half_per_device(tmp_path, monkeypatch):
+    """Under DDP each rank reads its share of the pairs (as PL 1.1's DistributedSampler gave UNO) in
+    batches of b/2 known + b/2 novel rows (the per-GPU sizes of --batch_size b). The loader's own
+    EpochSampler is a DistributedSampler, so Lightning keeps it instead of rebuilding the loader; the
+    ranks are simulated by its world size and rank."""
+    from ncd.methods.common import EpochSampler
 
     b, (n_known, _) = 16, _train_counts()
     cfg = _digits_cfg("paired", b)
@@ -232,12 +232,17 @@ def test_paired_loader_under_ddp_keeps_half_and_half_per_device(tmp_path):
     info = get_info("digits")
     t = build_uno_transform("eval", info)
     loader, _ = discover_loader(ctx, build_dataset("digits", tmp_path, "train"), KNOWN, NOVEL, [t, t])
+    assert isinstance(loader.sampler, DistributedSampler)  # Lightning's _requires_distributed_sampler: no
+    seen = []
     for rank in (0, 1):
-        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        per_rank = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
-        assert per_rank.batch_size == b // 2 and per_rank.drop_last
-        batches = list(per_rank)
-        assert len(batches) == math.ceil(n_known / 2) // (b // 2)
-        for views, y, _ in batches:
+        monkeypatch.setattr(EpochSampler, "_world", lambda self, r=rank: (2, r))
+        assert loader.batch_size == b // 2 and loader.drop_last
+        batches = list(loader)
+        assert len(batches) == len(loader) == math.ceil(n_known / 2) // (b // 2)
+        for views, y, idx in batches:
             assert [v.shape[0] for v in views] == [b, b]
             assert int((y < len(KNOWN)).sum()) == b // 2 and int((y >= len(KNOWN)).sum()) == b // 2
+            seen.append(idx[: b // 2])
+    # the two ranks read disjoint pairs (at most the padding repeats)
+    seen = torch.cat(seen)
+    assert len(set(seen.tolist())) >= len(seen) - 1
