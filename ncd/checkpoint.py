@@ -8,8 +8,14 @@ from typing import Any
 
 import torch
 
-from ncd.errors import NcdError
+from ncd.errors import NcdError, WriteError
 from ncd.utils import atomic_path
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
 
 def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], arch: dict[str, Any],
                meta: dict[str, Any] | None = None) -> None:
@@ -24,7 +30,11 @@ def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], arc
         "meta": dict(meta or {}),
     }
     with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+        try:
+            torch.save(blob, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (full disk) this way
+            raise WriteError(f"cannot write checkpoint {path}: {_first_line(e)} (is the disk full or the "
+                             "folder read-only? nothing was written)") from e
 
 
 def load_model(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -38,8 +48,9 @@ def load_model(path: str | os.PathLike, expected: dict[str, Any] | None = None) 
         raise NcdError(f"checkpoint {path} does not exist")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a foreign file
-        raise NcdError(f"checkpoint {path} cannot be read as an ncd model checkpoint: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a truncated or foreign file
+        raise NcdError(f"checkpoint {path} is truncated, corrupt or not an ncd model checkpoint "
+                       f"({_first_line(e)}); delete it and rerun the stage that writes it") from e
     if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
         raise NcdError(f"checkpoint {path} is not an ncd model checkpoint (expected keys 'arch' and 'state_dict')")
     for key, want in (expected or {}).items():

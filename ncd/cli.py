@@ -5,6 +5,8 @@ workflow logic, and the workflow holds no training logic."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -12,19 +14,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ncd.config import check_stage_config, load_config
-from ncd.data import prepare_dataset
 from ncd.errors import NcdError, Preempted
-from ncd.eval.aggregate import aggregate
-from ncd.methods.common import RunContext
-from ncd.methods.evaluate import evaluate
-from ncd.report import build_report
 from ncd.stages import STAGES, load
-from ncd.utils import config_hash, git_commit, seed_everything
+from ncd.utils import config_hash, git_commit, run_lock, seed_everything
+
+if TYPE_CHECKING:
+    from ncd.methods.common import RunContext
+
+# Each command imports what it needs when it runs (torch, Lightning, the report's plotting): every
+# workflow job is one process, and `prepare` or `aggregate` need not pay seconds for training imports.
 
 log = logging.getLogger("ncd")
 
@@ -75,6 +75,11 @@ def _json_arg(text: str) -> dict[str, Any]:
 
 def _context(args: argparse.Namespace, stage: str, evaluate: bool = False) -> RunContext:
     """The run context of a stage command: its checked config slice, output folder, seed, threads."""
+    import torch
+
+    from ncd.config import check_stage_config
+    from ncd.methods.common import RunContext
+
     cfg = check_stage_config(args.experiment, stage, _json_arg(args.config), evaluate=evaluate)
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,40 +93,77 @@ def _context(args: argparse.Namespace, stage: str, evaluate: bool = False) -> Ru
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Download (or check) a dataset and write its READY marker."""
-    marker = prepare_dataset(args.dataset, args.root, download=args.download)
+    from ncd.data import prepare_dataset
+
+    marker = prepare_dataset(args.dataset, args.root, download=args.download, marker=args.marker)
     log.info("dataset %s ready: %s", args.dataset, marker)
+
+
+def _locked(args: argparse.Namespace, what: str) -> contextlib.AbstractContextManager:
+    """The output folder's run lock (:func:`ncd.utils.run_lock`), taken by rank 0 only: the other
+    ranks of a multi-device run are the same run."""
+    if _process_rank():
+        return contextlib.nullcontext()
+    return run_lock(Path(args.out).parent, what)
+
+
+def check_artifact(path: Path) -> None:
+    """Read an upstream artifact once before the stage starts, so a truncated or foreign file is one
+    clear error naming it (not a BadZipFile or a torch traceback minutes into the stage). A missing
+    file is left to the stage, whose message says what it expected there."""
+    if not path.is_file():
+        return
+    from ncd.checkpoint import load_model
+
+    if path.suffix == ".npz":
+        from ncd.methods.neighbors import load_neighbors
+
+        load_neighbors(path)
+    elif path.suffix == ".ckpt":
+        load_model(path)
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
     """Run one stage of the stage table: ``fn(ctx, *upstream artifacts, out)``."""
     stage = STAGES[args.stage_name]
-    ctx = _context(args, stage.name)
-    inputs = [Path(v) if v else None for v in (getattr(args, name) for name in stage.inputs)]
-    missing = [n for n, v in zip(stage.inputs, inputs) if v is None and n in stage.inputs_for(ctx.cfg)]
-    if missing:
-        raise NcdError(f"stage '{stage.name}' needs --{missing[0].replace('_', '-')} (the {stage.inputs[missing[0]]} "
-                       "stage's artifact)")
-    stats = load(stage.run)(ctx, *inputs, Path(args.out))
+    with _locked(args, f"stage '{stage.name}' of experiment '{args.experiment}' seed {args.seed}"):
+        ctx = _context(args, stage.name)
+        inputs = [Path(v) if v else None for v in (getattr(args, name) for name in stage.inputs)]
+        missing = [n for n, v in zip(stage.inputs, inputs) if v is None and n in stage.inputs_for(ctx.cfg)]
+        if missing:
+            raise NcdError(f"stage '{stage.name}' needs --{missing[0].replace('_', '-')} (the "
+                           f"{stage.inputs[missing[0]]} stage's artifact)")
+        for path in inputs:
+            if path is not None:
+                check_artifact(path)
+        stats = load(stage.run)(ctx, *inputs, Path(args.out))
     if stats:
         print(json.dumps(stats))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Metrics of one stage's artifact on the evaluation splits → metrics.json."""
+    from ncd.methods.evaluate import evaluate
+
     if args.stage not in STAGES or not STAGES[args.stage].evaluate:
         raise NcdError(f"--stage {args.stage!r} is not an evaluated stage; expected one of: "
                        + ", ".join(s.name for s in STAGES.values() if s.evaluate))
-    evaluate(_context(args, args.stage, evaluate=True), Path(args.ckpt), Path(args.out))
+    with _locked(args, f"evaluation of stage '{args.stage}' of experiment '{args.experiment}' seed {args.seed}"):
+        evaluate(_context(args, args.stage, evaluate=True), Path(args.ckpt), Path(args.out))
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
     """Collect metrics.json files into results/metrics.csv."""
+    from ncd.eval.aggregate import aggregate
+
     n = aggregate([Path(p) for p in args.inputs], Path(args.out))
     log.info("wrote %d rows to %s", n, args.out)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Render reports/index.html, reports/README.md and figures from the metrics table."""
+    from ncd.report import build_report
+
     experiments = _json_arg(args.experiments) if args.experiments else {}
     index = build_report(Path(args.metrics), Path(args.reported), Path(args.results), Path(args.benchmarks),
                          Path(args.out), experiments=experiments,
@@ -133,6 +175,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> None:
     """Validate config files against the schema and print the resolved config (defaults filled)."""
+    from ncd.config import load_config
+
     cfg = load_config([Path(p) for p in args.configfile])
     print(json.dumps(cfg, indent=2, sort_keys=True))
 
@@ -166,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare", cmd_prepare, stage=False)
     p.add_argument("--dataset", required=True)
     p.add_argument("--root", required=True, help="folder of the dataset (data/<dataset>)")
+    p.add_argument("--marker", help="where to write the READY marker (default: <root>/READY)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log", help="also write the log to this file")
     for st in STAGES.values():
@@ -197,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors of the file system, not of the code: they end a run with one line, like bad input
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def _fail(message: str) -> int:
+    message = " ".join(message.split("\n"))
+    log.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one stage; bad input → ``error: ...`` on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
@@ -204,9 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except NcdError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(f"cannot write{where}: {e.strerror or e} (a full disk, a quota or a read-only folder; "
+                     "nothing partial is kept under the final name: fix it and run again)")
+    except RuntimeError as e:
+        if "PytorchStreamWriter failed writing" not in str(e) and "file write failed" not in str(e):
+            raise
+        return _fail(f"writing a checkpoint failed ({str(e).splitlines()[0]}): is the disk full or the "
+                     "folder read-only? Fix it and run again")
     except Preempted as e:
         log.warning("preempted: %s", e)
         print(f"preempted: {e}", file=sys.stderr)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import random
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -17,25 +20,47 @@ from typing import Any
 
 import numpy as np
 
+from ncd.errors import LockedError, WriteError
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> WriteError:
+    """A one-line :class:`WriteError` for a failed write of ``path`` (what failed and what to do)."""
+    reason = err.strerror or str(err).splitlines()[0]
+    hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+            errno.EROFS: "the file system is read-only; choose a writable results_dir",
+            errno.EACCES: "make the folder writable", errno.EPERM: "make the folder writable"}
+    e = WriteError(f"cannot write {path}: {reason} (nothing was written; "
+                   f"{hint.get(err.errno, 'check the folder and the disk')}, then run again)")
+    e.errno, e.strerror, e.filename = err.errno, err.strerror, str(path)
+    return e
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     A step that dies half-way leaves no partial file under the final name, so Snakemake
-    and readers never see a truncated output.
+    and readers never see a truncated output. A failed write (full disk, read-only folder)
+    removes the temporary file and raises :class:`ncd.errors.WriteError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)  # mkstemp creates 0600; give the final file the usual permissions
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
+        os.chmod(tmp_path, 0o666 & ~umask)
         yield tmp_path
         os.replace(tmp_path, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise write_error(path, e) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -60,6 +85,68 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+LOCK_NAME = ".ncd.lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (``flock`` on ``folder/.ncd.lock``) while the block runs.
+
+    A second process asking for the same folder gets :class:`ncd.errors.LockedError` at once
+    instead of two runs overwriting each other's ``last.ckpt`` and outputs. The kernel releases the
+    lock when the process ends, however it ends (a crash or SIGKILL leaves the file, not the lock).
+    """
+    folder = Path(folder)
+    lock = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise LockedError(
+                    f"{what} is already running in {folder} ({holder} holds {lock}); wait for it to "
+                    f"finish or stop it: two runs in one folder would overwrite each other's files") from None
+            # the previous holder may have removed the file between our open and flock: lock the current one
+            try:
+                if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as e:
+        raise write_error(lock, e) from e
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}: {what}\n".encode(), 0)
+        yield lock
+    finally:
+        # unlink while still holding the lock, so a waiting opener retries on a fresh file
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def folder_key(folder: str | os.PathLike) -> str:
+    """A file-name-safe key unique to a folder's absolute path: its name plus a short hash, so a
+    marker about the folder can live under data_dir without writing into the folder."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path.rstrip("/")) or "root")[:40]
+    return f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:10]}"
+
+
+def dataset_marker(data_dir: str, dataset: str, data_path: str | None = None, folder: str | None = None) -> str:
+    """The READY marker of a dataset: ``<data_dir>/<folder or dataset>/READY``; for a dataset in a
+    folder of its own (``data_path``) ``<data_dir>/folders/<dataset>-<folder_key>/READY``, so that
+    preparing never writes into the user's folder."""
+    if data_path:
+        return f"{data_dir}/folders/{dataset}-{folder_key(data_path)}/READY"
+    return f"{data_dir}/{folder or dataset}/READY"
 
 
 def seed_everything(seed: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import datasets as tvd
 from torchvision.datasets import folder as tv_folder
 from torchvision.datasets import imagenet as tv_imagenet
@@ -88,12 +88,43 @@ class FileDataset(ImageDataset):
         self.square = square
 
     def _image(self, index: int) -> Image.Image:
-        img = tv_folder.pil_loader(self.paths[index])
+        img = read_rgb(self.paths[index])
         if self.resize:
             img = TF.resize(img, self.resize)
             if self.square:
                 img = TF.center_crop(img, self.resize)
         return img
+
+
+# PIL's failures on a bad file: truncated data, not an image, a decompression bomb, a broken header.
+IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError,
+                                                 Image.DecompressionBombError)
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully and convert it to RGB, whatever its mode (L, LA, P with or without
+    transparency, RGBA, CMYK, 16-bit greyscale); a file PIL cannot decode is an :class:`NcdError`
+    that names it (a truncated JPEG would otherwise fail in a training batch naming no file)."""
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            # "Palette images with Transparency expressed in bytes should be converted to RGBA":
+            # we convert, so the warning would only repeat once per image and epoch
+            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+            img = Image.open(f)
+            img.load()
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                # 16-bit or float greyscale: PIL's convert clips to 0..255; scale to the file's range
+                a = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+                img = Image.fromarray(np.clip(np.rint(a * 255.0 / top), 0, 255).astype(np.uint8))
+            elif img.mode in ("P", "PA") and "transparency" in img.info:
+                img = img.convert("RGBA")
+            return img.convert("RGB")
+    except IMAGE_ERRORS as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
+        if isinstance(e, UnidentifiedImageError):
+            reason = "not an image format PIL can read"
+        raise NcdError(f"image {path} cannot be read ({reason}); delete or replace it") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +409,14 @@ def imagefolder_classes(root: str | os.PathLike) -> list[str]:
     return sorted(set().union(*(_class_dirs(d) for d in dirs)))
 
 
-def load_imagefolder(root: str | os.PathLike, split: str, transform: Callable | None = None,
-                     image_size: int = 224) -> FileDataset:
-    """Class sub-folders give labels (ImageFolder order); loose images are unlabeled (−1)."""
+def _loose_images(folder: Path) -> list[str]:
+    return sorted(str(folder / f) for f in os.listdir(folder)
+                  if tv_folder.is_image_file(f) and (folder / f).is_file())
+
+
+def imagefolder_samples(root: str | os.PathLike, split: str) -> list[tuple[str, int]]:
+    """``(path, target)`` of a split without decoding anything: the images of the class sub-folders
+    (ImageFolder order, targets index :func:`imagefolder_classes`), or the loose images (−1)."""
     folder = imagefolder_split_dir(root, split)
     classes = imagefolder_classes(root)
     if _class_dirs(folder):
@@ -388,9 +424,15 @@ def load_imagefolder(root: str | os.PathLike, split: str, transform: Callable | 
         samples = tv_folder.make_dataset(str(folder), class_to_idx, tv_folder.IMG_EXTENSIONS,
                                          allow_empty=True)
     else:
-        samples = [(str(folder / f), -1) for f in sorted(os.listdir(folder))
-                   if tv_folder.is_image_file(f) and (folder / f).is_file()]
+        samples = [(f, -1) for f in _loose_images(folder)]
     if not samples:
         raise NcdError(f"dataset 'imagefolder': no images in {folder} (extensions: "
                        + ", ".join(tv_folder.IMG_EXTENSIONS) + ")")
-    return FileDataset(samples, classes, transform, resize=image_size, square=True)
+    return samples
+
+
+def load_imagefolder(root: str | os.PathLike, split: str, transform: Callable | None = None,
+                     image_size: int = 224) -> FileDataset:
+    """Class sub-folders give labels (ImageFolder order); loose images are unlabeled (−1)."""
+    return FileDataset(imagefolder_samples(root, split), imagefolder_classes(root), transform,
+                       resize=image_size, square=True)

@@ -131,6 +131,10 @@ def _fetch(name: str, root: Path, download: bool, opts: dict[str, Any]) -> list[
     if name in _TORCHVISION:
         return [f"{rel}  md5 {md5}" for rel, md5 in D.download_torchvision(name, root, download)]
     info = DATASETS[name]
+    if name == "imagefolder":
+        from ncd.data.folder import check_imagefolder  # imports the stage table, which imports ncd.data
+
+        return check_imagefolder(root)
     if name.startswith("imagenet"):
         need = D.imagenet_requirements(root, info.splits)
         if need:
@@ -169,12 +173,14 @@ def build_dataset(name: str, root: str | os.PathLike, split: str, transform: Cal
     return _load(name, root, split, transform, opts)
 
 
-def prepare_dataset(name: str, root: str | os.PathLike, download: bool = True,
-                    **options: Any) -> Path:
-    """Download (where possible) and verify ``name`` in ``root``, then write ``root/READY``.
+def prepare_dataset(name: str, root: str | os.PathLike, download: bool = True, *,
+                    marker: str | os.PathLike | None = None, **options: Any) -> Path:
+    """Download (where possible) and verify ``name`` in ``root``, then write ``root/READY`` (or
+    ``marker``: a user's own folder, ``data_path``, is only read, its marker lives under data_dir).
 
     Returns the marker's path. Raises :class:`NcdError` (and writes no marker) when files are
-    missing and cannot be downloaded, or a present file fails its checksum."""
+    missing and cannot be downloaded, or a present file fails its checksum; for ``imagefolder``
+    also when the folder is missing or empty or an image does not decode (naming it)."""
     _check_name(name)
     opts = _options(name, options)
     root = Path(root)
@@ -182,7 +188,7 @@ def prepare_dataset(name: str, root: str | os.PathLike, download: bool = True,
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     text = (f"dataset: {name}\nroot: {root.resolve()}\ndate: {stamp}\nfiles:\n"
             + "".join(f"  {line}\n" for line in lines))
-    marker = root / READY
+    marker = Path(marker) if marker is not None else root / READY
     write_text_atomic(marker, text)
     return marker
 

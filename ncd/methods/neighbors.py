@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ncd.checkpoint import load_model, load_state_strict
+from ncd.errors import NcdError
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import Transformed
 from ncd.methods.common import RunContext, collect, inference_device, make_loader
@@ -69,7 +71,47 @@ def run_mine(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> dict[str, float
         if labelled.all():
             stats[f"{name}_agreement"] = neighbor_agreement(idx, targets.numpy())
             log.info("neighbour label agreement on %s (top-%d): %.2f%%", split, k, 100 * stats[f"{name}_agreement"])
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **result)
+    save_neighbors(out, result)
     return stats
+
+
+NEIGHBOR_SPLITS = ("train", "test")
+
+
+def save_neighbors(path: str | Path, neighbors: dict[str, np.ndarray]) -> None:
+    """Write the mined neighbours (``train`` and ``test`` index arrays) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **neighbors)
+
+
+def load_neighbors(path: str | Path, *, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Read and check a ``neighbors.npz`` written by the mine stage: ``{"train": [N, k+1], "test":
+    [M, k_val+1]}`` int arrays of indices into their split. A truncated or foreign file, a missing
+    array or an index out of range (``sizes``: the splits' image counts, when known) is an
+    :class:`NcdError` naming the file."""
+    path = Path(path)
+    fix = "delete it and rerun the mine stage"
+    if not path.is_file():
+        raise NcdError(f"neighbours file {path} does not exist; run the mine stage first")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise NcdError(f"neighbours file {path} is truncated or not an npz file ({reason}); {fix}") from e
+    missing = [s for s in NEIGHBOR_SPLITS if s not in arrays]
+    if missing:
+        raise NcdError(f"neighbours file {path} has no {' or '.join(missing)} array (it has: "
+                       f"{', '.join(sorted(arrays)) or 'none'}); {fix}")
+    for name in NEIGHBOR_SPLITS:
+        a = arrays[name]
+        if a.ndim != 2 or a.shape[1] < 1 or not np.issubdtype(a.dtype, np.integer):
+            raise NcdError(f"neighbours file {path}: '{name}' is a {a.dtype} array of shape {a.shape}; "
+                           f"expected integer indices [images, k+1]; {fix}")
+        n = (sizes or {}).get(name)
+        if n is not None and (len(a) != n or (a.size and (a.min() < 0 or a.max() >= n))):
+            raise NcdError(f"neighbours file {path}: '{name}' has {len(a)} rows with indices in "
+                           f"[{a.min() if a.size else 0}, {a.max() if a.size else 0}]; expected {n} rows with "
+                           f"indices in [0, {n - 1}] (mined on other data?); {fix}")
+    return arrays

@@ -19,6 +19,7 @@ from ncd.errors import NcdError
 from ncd.eval import hungarian_evaluate, scan_head_losses
 from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses import scan_loss
+from ncd.methods.neighbors import load_neighbors
 from ncd.methods.common import (
     RunContext,
     build_optimizer,
@@ -159,12 +160,12 @@ def run_scan(ctx: RunContext, pretrain_ckpt: Path, neighbors: Path, out: Path) -
         raise NcdError(f"scan.num_clusters is {k}; expected at least 2 (dataset {dataset!r} has {info.num_classes} classes)")
     heads = int(sc.get("num_heads", 1))
     model = ClusteringModel(backbone, dim, k, heads)
-    nb = np.load(neighbors)
     aug = sc.get("augmentation", "strong")
     t = ctx.transform(aug, info, sc.get("augment"))
     base = build_dataset(dataset, ctx.data_root, info.train_split)
-    ds = NeighborsDataset(base, nb["train"], t, t, int(sc.get("num_neighbors", 20)))
     val_ds = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), ctx.transform("val", info))
+    nb = load_neighbors(neighbors, sizes={"train": len(base), "test": len(val_ds)})
+    ds = NeighborsDataset(base, nb["train"], t, t, int(sc.get("num_neighbors", 20)))
     val_nb = nb["test"][:, : int(sc.get("num_neighbors_val", 5)) + 1]
     module = SCANModule(model, sc, val_nb)
     log.info("SCAN on %s: %d images, %d clusters, %d heads, %d epochs", dataset, len(ds), k, heads, sc["epochs"])

@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 
 # SLURM sends SIGUSR1 to every process of a job step before the time limit (slurm.signal_seconds):
 # Snakemake and the shell around a training step must survive it (its default action is to
@@ -13,11 +14,18 @@ signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 from functools import lru_cache
 
 from ncd.config import resolve_experiment, selected_experiments, stage_config, validate
+from ncd.errors import NcdError
 from ncd.stages import STAGES, evaluated_stages
-from ncd.utils import config_hash
+from ncd.utils import config_hash, dataset_marker
 
 # Validation fills in every default, so rules read complete blocks; errors name the bad key.
-validate(config)
+try:
+    validate(config)
+except NcdError as e:
+    # bad input, as `python -m ncd` reports it: one line and status 2, not Snakemake's traceback of
+    # this file (SystemExit passes through Snakemake's handlers, which catch Exception only)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 DATA = config["data_dir"]
 RESULTS = config["results_dir"]
@@ -80,7 +88,10 @@ def data_root(wildcards):
 
 
 def ready_marker(wildcards):
-    return f"{data_root(wildcards)}/READY"
+    """The READY marker a job of an experiment waits for: data_dir/<dataset>/READY, or for a dataset in a
+    folder of its own (data_path) a marker under data_dir/folders/ (the user's folder is only read)."""
+    cfg = exp_cfg(wildcards.exp)
+    return dataset_marker(DATA, cfg["dataset"], cfg["data_path"], data_key(cfg["dataset"]))
 
 
 def runtime(exp):
