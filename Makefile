@@ -20,8 +20,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# A safety net behind the workflow's own guarantee (workflow/rules/handoff.smk): when Snakemake exits 0,
+# the metrics table and the report of config.yaml's results_dir/reports_dir must exist; if not, fail.
+CHECK_FINAL = $(BIN)/python -c 'import os, sys, yaml; \
+	schema = yaml.safe_load(open("ncd/schema/config.schema.yaml"))["properties"]; \
+	cfg = yaml.safe_load(open("config.yaml")) or {}; \
+	d = lambda key: cfg.get(key) or schema[key]["default"]; \
+	final = [d("results_dir") + "/metrics.csv", d("reports_dir") + "/index.html", d("reports_dir") + "/README.md"]; \
+	missing = [f for f in final if not os.path.isfile(f)]; \
+	sys.exit(f"error: snakemake exited 0 but {missing[0]} is missing; expected the whole DAG to run: run `make run` again") if missing else None'
+
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(SNAKEMAKE) --profile workflow/profiles/default --cores $(CORES)
+	@$(CHECK_FINAL)
 	@echo "report: $(CURDIR)/reports/index.html (and reports/README.md)"
 
 test: $(STAMP)

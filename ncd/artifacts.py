@@ -3,22 +3,39 @@
 
 ``push`` records the current ``results/`` in ``dvc.lock`` (``dvc commit``) and uploads it to the default
 remote; ``pull`` downloads and checks it out on another clone, after which ``snakemake`` only renders
-the report (the hand-off is in workflow/rules/common.smk). Both check the remote first, so a missing or
+the report (the hand-off is in workflow/rules/handoff.smk). Both check the remote first, so a missing or
 unreachable one ends with one clear line and exit status 2, before anything is written.
+
+Resume-only state (``last.ckpt``, its ``last.ckpt.config`` sidecar, half-written ``*.tmp`` and
+``*.lock`` files) is never shared: .dvcignore keeps it out of what ``dvc commit`` records, ``push``
+refuses to run where .dvcignore would not, and ``pull`` refuses a dvc.lock that lists such a file (a
+checkpoint from a remote would be unpickled on resume) before anything is checked out.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ncd.errors import NcdError
 
 STAGE = "workflow"  # the dvc.yaml stage whose output is results/
+RESULTS = "results"  # its output folder
+# file names of resume-only state under results/ (keep in step with .dvcignore): a training step's
+# last.ckpt (Lightning's last-v1.ckpt, ...) and its config sidecar, atomic_path's temporary files, locks
+RESUME_ONLY = ("last*.ckpt", "last*.ckpt.*", "*.tmp", "*.lock")
+
+
+def resume_only(path: str | Path) -> bool:
+    """Whether ``path`` (any folder) names resume-only state that DVC must never share."""
+    return any(fnmatch.fnmatchcase(Path(path).name, pattern) for pattern in RESUME_ONLY)
 
 
 def _dvc() -> list[str]:
@@ -66,10 +83,43 @@ def check_remote(root: Path, for_push: bool) -> str:
     return f"{name} ({url})"
 
 
+def _some(paths: Iterable[str], n: int = 3) -> str:
+    """The first ``n`` of ``paths`` (last.ckpt and its kin first), and how many more."""
+    paths = sorted(paths, key=lambda p: (not Path(p).name.startswith("last"), p))
+    more = f" and {len(paths) - n} more" if len(paths) > n else ""
+    return ", ".join(paths[:n]) + more
+
+
+def check_ignored(root: Path) -> None:
+    """NcdError naming the first resume-only file under results/ that .dvcignore does not exclude."""
+    found = sorted(str(p.relative_to(root)) for p in (root / RESULTS).rglob("*") if resume_only(p) and p.is_file())
+    if not found:
+        return
+    # `dvc check-ignore` prints the paths .dvcignore excludes (exit 1 when none is)
+    r = subprocess.run(_dvc() + ["check-ignore", *found], cwd=root, capture_output=True, text=True)
+    ignored = {line.strip() for line in r.stdout.splitlines()}
+    shared = [p for p in found if p not in ignored]
+    if shared:
+        raise NcdError(f"{_some(shared)} would be pushed; expected .dvcignore to exclude resume-only state "
+                       f"({', '.join(RESUME_ONLY)}) under {RESULTS}/")
+
+
+def check_lock(root: Path) -> None:
+    """NcdError when the fetched dvc.lock lists resume-only state under results/ (nothing is checked out)."""
+    r = _run(["ls", "--json", "--recursive", ".", RESULTS], root, "dvc ls")
+    listed = [entry["path"] for entry in json.loads(r.stdout or "[]")]
+    bad = [p for p in listed if resume_only(p)]
+    if bad:
+        raise NcdError(f"dvc.lock lists resume-only state ({_some(f'{RESULTS}/{p}' for p in bad)}); expected none: "
+                       "it stays on the machine that trains (a remote's last.ckpt would be loaded on resume); "
+                       "ask for a push made with this version's .dvcignore")
+
+
 def push(root: Path) -> None:
     remote = check_remote(root, for_push=True)
     if not (root / "results").is_dir():
         raise NcdError(f"nothing to push: {root / 'results'} does not exist; expected a finished run (make run)")
+    check_ignored(root)
     _run(["commit", "--force", STAGE], root, "dvc commit")
     _run(["push", STAGE], root, f"dvc push to {remote}")
     print(f"pushed results/ to {remote}; now commit dvc.lock: git add dvc.lock && git commit -m 'results'")
@@ -81,6 +131,7 @@ def pull(root: Path) -> None:
         raise NcdError("dvc.lock is missing; expected the commit in which a colleague ran `make push`")
     # fetch first: a failed download leaves results/ untouched (the cache only keeps verified files)
     _run(["fetch", STAGE], root, f"dvc fetch from {remote}")
+    check_lock(root)
     _run(["checkout", STAGE], root, "dvc checkout")
     print(f"pulled results/ from {remote}; `make run` now renders the report without training")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,3 +112,85 @@ def test_pull_from_a_missing_remote_fails_clearly_and_writes_nothing(producer):
     r = artifacts("pull", c, check=False)
     assert r.returncode == 2 and "no DVC remote is set" in r.stderr
     assert not (c / "results").exists()
+
+
+# --- resume-only state stays out of what DVC shares -------------------------------------------------
+RESUME_ONLY_FILES = ("e/seed0/scan/last.ckpt", "e/seed0/scan/last.ckpt.config", "e/seed0/scan/.model.ckpt.a1b2.tmp",
+                     "e/seed0/run.lock")
+SHARED_FILES = ("metrics.csv", "e/seed0/scan/model.ckpt", "e/seed0/scan/.scan.config")
+
+
+def dvc_repo(path, lock=None):
+    """A repository with this checkout's dvc.yaml, .dvcignore and DVC config (the working tree, not HEAD)
+    and the stage's dependencies; ``lock``: a dvc.lock to pull from. No Snakemake run: the results tree
+    is written by hand."""
+    path.mkdir(parents=True)
+    run("git", "init", "-q", cwd=path)
+    for name in ("dvc.yaml", ".dvcignore", "Snakefile", "config.yaml", ".dvc/config", ".dvc/.gitignore"):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, path / name)
+    for name in ("workflow", "ncd"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    if lock is not None:
+        shutil.copy(lock / "dvc.lock", path / "dvc.lock")
+        shutil.copy(lock / ".dvc/config", path / ".dvc/config")
+    return path
+
+
+def results_tree(root):
+    res = root / "results"
+    for rel in SHARED_FILES + RESUME_ONLY_FILES:
+        (res / rel).parent.mkdir(parents=True, exist_ok=True)
+        # a crafted checkpoint would run code when unpickled: its bytes must never reach the remote
+        (res / rel).write_text(f"CRAFTED {rel}\n" if rel in RESUME_ONLY_FILES else f"shared {rel}\n")
+
+
+def artifacts_at(action, repo, *extra, check=True):
+    # run from this checkout, so that the working tree's ncd is imported (not the copy the stage depends on)
+    return run(sys.executable, "-m", "ncd.artifacts", action, *extra, "--root", repo, cwd=ROOT, check=check)
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.timeout(300)
+def test_resume_only_state_is_neither_pushed_nor_pulled(tmp_path):
+    a = dvc_repo(tmp_path / "producer")
+    results_tree(a)
+    artifacts_at("remote", a, tmp_path / "remote")
+    artifacts_at("push", a)
+    pushed = [p.read_bytes() for p in (tmp_path / "remote").rglob("*") if p.is_file()]
+    assert pushed and not [b for b in pushed if b"CRAFTED" in b]
+    lock = yaml.safe_load((a / "dvc.lock").read_text())
+    assert [o["nfiles"] for o in lock["stages"]["workflow"]["outs"]] == [len(SHARED_FILES)]
+
+    b = dvc_repo(tmp_path / "colleague", lock=a)
+    own = b / "results/e/seed0/scan/last.ckpt"  # the colleague's own resume state is left alone
+    own.parent.mkdir(parents=True)
+    own.write_text("mine\n")
+    artifacts_at("pull", b)
+    assert files_under(b / "results") == sorted(SHARED_FILES + ("e/seed0/scan/last.ckpt",))
+    assert own.read_text() == "mine\n"
+    for rel in SHARED_FILES:
+        assert (b / "results" / rel).read_text() == f"shared {rel}\n"
+
+
+@pytest.mark.timeout(300)
+def test_resume_only_state_is_refused_when_dvcignore_would_let_it_through(tmp_path):
+    a = dvc_repo(tmp_path / "producer")
+    results_tree(a)
+    artifacts_at("remote", a, tmp_path / "remote")
+    (a / ".dvcignore").write_text(".stamps/\n")  # an edited (or an older) .dvcignore
+    r = artifacts_at("push", a, check=False)
+    assert r.returncode == 2 and "results/e/seed0/scan/last.ckpt" in r.stderr and "would be pushed" in r.stderr, r.stderr
+    assert not (a / "dvc.lock").exists() and not any((tmp_path / "remote").rglob("*"))
+
+    # a dvc.lock that lists a last.ckpt (pushed by hand, or by an older version): the pull checks out nothing
+    run(BIN / "dvc", "commit", "--force", "workflow", cwd=a)
+    run(BIN / "dvc", "push", "workflow", cwd=a)
+    b = dvc_repo(tmp_path / "colleague", lock=a)
+    r = artifacts_at("pull", b, check=False)
+    assert r.returncode == 2 and "results/e/seed0/scan/last.ckpt" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "expected none" in r.stderr
+    assert not (b / "results").exists()

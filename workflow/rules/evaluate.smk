@@ -20,7 +20,7 @@ rule evaluate:
     shell:
         (
             "python -m ncd evaluate --experiment {wildcards.exp} --seed {wildcards.seed} --config {params.cfg} "
-            "--data-root {params.root} --ckpt {input.model} --stage {wildcards.stage} "
+            "--data-root {params.root:q} --ckpt {input.model} --stage {wildcards.stage} "
             "--out {output.metrics} --log {log} --threads {threads}"
             + RECORD
         )
@@ -29,8 +29,7 @@ rule evaluate:
 rule aggregate:
     """All runs' metrics.json -> the one metrics table the report reads."""
     input:
-        metrics=lambda wildcards: [handed_off(m, up_to_date(exp, seed, stage, evaluate=True))
-                                   for m, exp, seed, stage in metrics_targets(with_keys=True)],
+        metrics=aggregate_inputs(f"{RESULTS}/metrics.csv"),
     output:
         table=f"{RESULTS}/metrics.csv",
     log:
