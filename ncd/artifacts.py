@@ -61,10 +61,10 @@ def default_remote(root: Path) -> tuple[str, str]:
     if not name:
         raise NcdError("no DVC remote is set; expected one, e.g. `make remote URL=/shared/ncd-dvc` "
                        "(a folder, ssh://host/path or s3://bucket/path)")
-    for line in _run(["remote", "list"], root, "dvc remote list").stdout.splitlines():
-        parts = line.split()
-        if parts and parts[0] == name:
-            return name, parts[1]
+    # `dvc config`, not `dvc remote list`: the latter wraps a long URL onto a line of its own
+    r = subprocess.run(_dvc() + ["config", f"remote.{name}.url"], cwd=root, capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip():
+        return name, r.stdout.strip()
     raise NcdError(f"the default DVC remote {name!r} is not defined in .dvc/config; expected `dvc remote list` to show it")
 
 

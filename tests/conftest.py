@@ -6,8 +6,9 @@ import torch
 # The slowest files first. `make test` runs two xdist workers that take whole files (module fixtures
 # such as the SLURM cluster must run once); started first, these overlap each other instead of
 # leaving one worker alone with the last of them while the other has finished.
-SLOW_FIRST = ("tests/test_gpu_check.py", "tests/workflow/test_slurm.py", "tests/workflow/test_workflow.py",
-              "tests/workflow/test_dvc.py", "tests/methods/test_ddp.py", "tests/methods/test_resume.py")
+SLOW_FIRST = ("tests/test_gpu_check.py", "tests/test_stages.py", "tests/workflow/test_slurm.py",
+              "tests/workflow/test_workflow.py", "tests/data/test_imagefolder_e2e.py", "tests/methods/test_ddp.py",
+              "tests/methods/test_resume.py", "tests/workflow/test_dvc.py", "tests/workflow/test_interrupted.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,6 @@ from typing import Any
 
 from ncd.data import datasets as D
 from ncd.errors import NcdError
-from ncd.stages import STAGES
 
 # blocks whose `0` number of clusters means "the dataset's number of classes"
 CLUSTER_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -72,8 +71,7 @@ def check_imagefolder(root: str | os.PathLike, threads: int | None = None) -> li
 def check_experiment_needs(name: str, exp: dict[str, Any], root: str | os.PathLike) -> None:
     """What experiment ``name`` (a validated config block on ``dataset: imagefolder``) needs of the
     folder ``root``: class folders (labels) for UNO, at least 2 classes where a number of clusters
-    defaults to the number of classes, enough training images for every training batch
-    (``drop_last``) and for the mined neighbours. Reads only file names; raises :class:`NcdError`."""
+    defaults to the number of classes. Reads only file names; raises :class:`NcdError`."""
     root = Path(root)
     where = f"experiment '{name}' (dataset 'imagefolder' in {root})"
     classes = D.imagefolder_classes(root)
@@ -93,23 +91,7 @@ def check_experiment_needs(name: str, exp: dict[str, Any], root: str | os.PathLi
             raise NcdError(f"{where}: {block}.{key} is 0 (= the number of classes) but the folder has "
                            f"{len(classes)} class folders; set {block}.{key} to the number of clusters "
                            "(at least 2) or sort the images into class folders")
-    n_train = len(D.imagefolder_samples(root, "train"))
-    n_test = len(D.imagefolder_samples(root, "test"))
-    for st in STAGES.values():
-        if st.method != method or not st.enabled_for(exp) or not st.resumable:
-            continue  # only training stages: their loaders drop the last partial batch
-        block = exp.get(st.name) or {}
-        bs = block.get("batch_size")
-        if isinstance(bs, int) and block.get("drop_last", True) and bs > n_train:
-            raise NcdError(f"{where}: {st.name}.batch_size {bs} is larger than the {n_train} training images; "
-                           f"expected at most {n_train}")
-    if method == "scan":
-        mine = exp.get("mine") or {}
-        for key, n in (("topk", n_train), ("topk_val", n_test)):
-            k = mine.get(key)
-            if isinstance(k, int) and k >= n:
-                raise NcdError(f"{where}: mine.{key} {k} neighbours need more than the {n} images of the "
-                               f"{'train' if key == 'topk' else 'test'} split; expected at most {n - 1}")
+    # counts larger than the folder's images (batches, neighbours) are ncd.config.check_counts' part
 
 
 def check_experiments(experiments: dict[str, dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ncd.data import datasets as D
+from ncd.data.folder import check_imagefolder
 from ncd.errors import NcdError
 from ncd.ops.checks import check_options
 from ncd.utils import write_text_atomic
@@ -132,8 +133,6 @@ def _fetch(name: str, root: Path, download: bool, opts: dict[str, Any]) -> list[
         return [f"{rel}  md5 {md5}" for rel, md5 in D.download_torchvision(name, root, download)]
     info = DATASETS[name]
     if name == "imagefolder":
-        from ncd.data.folder import check_imagefolder  # imports the stage table, which imports ncd.data
-
         return check_imagefolder(root)
     if name.startswith("imagenet"):
         need = D.imagenet_requirements(root, info.splits)

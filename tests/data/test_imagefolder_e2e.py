@@ -167,12 +167,7 @@ def test_experiment_needs(tmp_path):
         check_experiment_needs("scan", scan, tmp_path / "one")
     with pytest.raises(NcdError, match="has no class sub-folders"):
         check_experiment_needs("scan", scan, tmp_path / "flat")
-    with pytest.raises(NcdError, match=r"pretrain.batch_size 128 is larger than the 12 training images; expected at most 12"):
-        check_experiment_needs("scan", {**scan, "pretrain": {"epochs": 1, "batch_size": 128}}, tmp_path / "three")
-    with pytest.raises(NcdError, match=r"mine.topk 12 neighbours need more than the 12 images"):
-        check_experiment_needs("scan", {**scan, "mine": {"topk": 12, "topk_val": 3}}, tmp_path / "three")
-    sela = _exp(base="sela_digits", sela={**_exp(base="sela_digits")["sela"], "batch_size": 64, "drop_last": False})
-    check_experiment_needs("sela", sela, tmp_path / "three")  # keeps the partial batch: 12 images suffice
+    # batches and neighbours larger than the folder: tests/test_validation.py (ncd.config.check_counts)
 
 
 # --- through the Snakefile ---------------------------------------------------------------------------
