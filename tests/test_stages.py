@@ -1,10 +1,10 @@
 """Conformance of every stage of the stage table (a new stage is tested by being registered).
 
-Each registered stage, on digits with the embedded default shrunk to two epochs: is killed with
-SIGKILL right after a save in the middle of its second epoch, and (separately) stopped there by
-SIGUSR1, and resumes from it, ending bit-identical to an uninterrupted run of the same seed (stages
-that train with Lightning), or simply runs (the others); then its evaluation writes rows whose
-columns and vocabulary are DESIGN.md's metrics table. Plus the table's own invariants, and the rule that a killed stage
+Each registered stage, on digits with the embedded default shrunk to two epochs: is stopped by
+SIGUSR1 in the middle of its first epoch and resumes, then is killed with SIGKILL right after a
+save in the middle of its second epoch and resumes again, ending bit-identical to an uninterrupted
+run of the same seed (stages that train with Lightning), or simply runs (the others); then its
+evaluation writes rows whose columns and vocabulary are DESIGN.md's metrics table. Plus the table's own invariants, and the rule that a killed stage
 resumes only when its own slice of the config is unchanged.
 """
 
@@ -118,9 +118,10 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_runs_resumes_exactly_and_evaluates(stage, config, work):
-    """A training stage killed with SIGKILL right after a mid-epoch save (the middle batch of its second
-    epoch) and rerun ends bit-identical to an uninterrupted run of the same seed: every tensor of
-    model.ckpt and every metric row."""
+    """A training stage stopped by SIGUSR1 (SLURM's time-limit warning) at the middle batch of its first
+    epoch, rerun, then killed with SIGKILL right after a save at the middle batch of its second epoch and
+    rerun again, ends bit-identical to an uninterrupted run of the same seed: every tensor of model.ckpt
+    and every metric row."""
     st = STAGES[stage]
     assert st.enabled_for(config["experiments"][EXPERIMENT[st.method]]), "SHRINK must switch the stage on"
     _ensure(config, work, stage)
@@ -129,8 +130,12 @@ def test_stage_runs_resumes_exactly_and_evaluates(stage, config, work):
     if st.resumable:
         straight = work / "straight" / artifact(stage)
         assert main([stage, *_args(config, work, stage, straight)]) == 0
+        r = _run_killed(args, stage, {SIGNAL_MID_EPOCH: "0"})
+        assert r.returncode == Preempted.exit_code, r.stderr[-3000:]
+        assert "received SIGUSR1" in r.stderr and (out.parent / "last.ckpt").is_file() and not out.exists()
         r = _run_killed(args, stage, {KILL_MID_EPOCH: "1"})
         assert r.returncode == -9, r.stderr[-3000:]
+        assert "resuming stage" in r.stderr
         assert (out.parent / "last.ckpt").is_file() and not out.exists()
         assert _history_epochs(out.parent) == [1]
     log = out.parent / "run.log"
@@ -156,24 +161,6 @@ def test_stage_runs_resumes_exactly_and_evaluates(stage, config, work):
         assert (-1.0 if r["metric"] in ("ari", "ami") else 0.0) <= r["value"] <= 1.0, r
     if st.resumable:
         assert rows == _evaluate(config, work, stage, straight)
-
-
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("stage", [s.name for s in STAGES.values() if s.resumable])
-def test_stage_stopped_by_the_time_limit_signal_resumes_exactly(stage, config, work):
-    """SIGUSR1 (SLURM's time-limit warning) in the middle of the second epoch: the stage saves at that batch
-    and exits with the retry code; the rerun ends bit-identical to an uninterrupted run."""
-    _ensure(config, work, stage)
-    straight = work / "straight" / artifact(stage)
-    if not straight.is_file():
-        assert main([stage, *_args(config, work, stage, straight)]) == 0
-    out = work / "usr1" / artifact(stage)
-    args = _args(config, work, stage, out)
-    r = _run_killed(args, stage, {SIGNAL_MID_EPOCH: "1"})
-    assert r.returncode == Preempted.exit_code, r.stderr[-3000:]
-    assert "received SIGUSR1" in r.stderr and (out.parent / "last.ckpt").is_file() and not out.exists()
-    assert main([stage, *args]) == 0
-    _assert_same_weights(out, straight)
 
 
 # --- the table itself ----------------------------------------------------------------------------
