@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from ncd.data import build_dataset, build_transform, get_info
 from ncd.data.wrappers import Transformed
-from ncd.methods.common import SeededItems, derive_seed, seed_all
+from ncd.methods.common import SeededItems, derive_seed
+from ncd.utils import seed_everything
 
 
 class _Nothing(Dataset):
@@ -37,8 +38,8 @@ def main() -> None:
     n = 5000
     items = SeededItems(_Nothing(), 0)
     print(f"SeededItems reseeding (CPU generator, random, NumPy): {_per_item_us(lambda i: items[(1, i)], n):.1f} us/sample")
-    print(f"full seed_all (torch.manual_seed incl. accelerators):  "
-          f"{_per_item_us(lambda i: seed_all(derive_seed(0, 1, i)), n):.1f} us/sample")
+    print(f"full seed_everything (torch.manual_seed incl. accelerators):"
+          f"{_per_item_us(lambda i: seed_everything(derive_seed(0, 1, i)), n):.1f} us/sample")
     info = get_info("digits")
     base = Transformed(build_dataset("digits", "data/digits", info.train_split), build_transform("strong", info))
     print(f"loading one digits sample with SCAN's strong augmentation: "

@@ -33,7 +33,7 @@ from ncd.errors import NcdError, Preempted
 from ncd.models import model_from_arch
 from ncd.ops.checks import skip_value_checks
 from ncd.stages import STAGES
-from ncd.utils import atomic_path, config_hash, write_text_atomic
+from ncd.utils import atomic_path, config_hash, seed_everything, write_text_atomic
 
 log = logging.getLogger("ncd")
 
@@ -85,14 +85,6 @@ def derive_seed(seed: int, *keys: int) -> int:
     for k in keys:
         h = _splitmix64(h ^ (int(k) & _MASK64))
     return h >> 1
-
-
-def seed_all(seed: int) -> None:
-    """Seed every generator a stage draws from: torch (CPU and every CUDA device), Python's
-    ``random`` and NumPy's global generator."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
 
 
 class SeededItems(Dataset):
@@ -326,7 +318,7 @@ class SeedEveryStep(L.Callback):
         self.seed = int(seed)
 
     def _seed(self, trainer: L.Trainer, *where: int) -> None:
-        seed_all(derive_seed(self.seed, trainer.current_epoch, *where, trainer.global_rank))
+        seed_everything(derive_seed(self.seed, trainer.current_epoch, *where, trainer.global_rank))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seed(trainer, self.EPOCH_START)
