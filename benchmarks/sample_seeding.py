@@ -38,7 +38,7 @@ def main() -> None:
     n = 5000
     items = SeededItems(_Nothing(), 0)
     print(f"SeededItems reseeding (CPU generator, random, NumPy): {_per_item_us(lambda i: items[(1, i)], n):.1f} us/sample")
-    print(f"full seed_everything (torch.manual_seed incl. accelerators):"
+    print(f"full seed_everything (torch.manual_seed incl. accelerators): "
           f"{_per_item_us(lambda i: seed_everything(derive_seed(0, 1, i)), n):.1f} us/sample")
     info = get_info("digits")
     base = Transformed(build_dataset("digits", "data/digits", info.train_split), build_transform("strong", info))
