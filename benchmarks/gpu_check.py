@@ -9,7 +9,8 @@ workflow resolves it, and for each stage of its method in pipeline order: the da
 on-disk format (CIFAR pickles, STL-10 binaries, ImageNet folders of JPEGs; nothing is downloaded), and the stage
 runs through its real run function, so model, augmentation, loss, optimiser and precision are the experiment's.
 Changed in the slice: one epoch of a few batches (Lightning's limit_train_batches, set by this check's callback),
-one device, the data-loader workers, monitors off, and with --tiny batch size 4. A training stage is stopped after
+one device, the data-loader workers, monitors off, and with --tiny batch size 4 and ImageNet at 64 px. A training
+stage is stopped after
 k steps by SIGUSR1 (SaveOnSignal writes last.ckpt mid-epoch and raises Preempted) and run again with the same
 context: it must resume from last.ckpt, finish the epoch and write the artifact that the next stage reads.
 
@@ -24,6 +25,7 @@ may be missing (stand-ins below, announced in the output).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import inspect
 import io
@@ -141,6 +143,11 @@ WAIT_SHARE = 0.2
 #: ImageNet classes written for the subsets (SCAN) and for SeLa's and CLD's ImageNet
 IMAGENET_CLASSES = 10
 GIB = 2**30
+#: --tiny: the ImageNet datasets' (Resize, crop) sides instead of (256, 224), the paper's ratio kept. A ResNet
+#: step at 224 px takes seconds on 2 CPU cores and ImageNet paths are a third of the check's stages; the code
+#: path does not depend on the side (ResNets pool adaptively). SeLa's presets set their own sizes: its ResNet
+#: crops are shrunk alike in prepare(); AlexNet (a fixed 6x6 map) and InfoMin's jigsaw (255 px) keep theirs.
+TINY_IMAGENET_SIDES = (73, 64)
 
 
 class CheckError(Exception):
@@ -178,6 +185,21 @@ def bottleneck(wait: float, step: float, device: str) -> str:
     if wait + step > 0 and wait > WAIT_SHARE * (wait + step):
         return "data loader"
     return "GPU" if device == "cuda" else "CPU"
+
+
+def shrink_imagenet_for_tiny() -> list[str]:
+    """--tiny: the registry's ImageNet datasets at TINY_IMAGENET_SIDES (the Cutout length scaled alike), in this
+    process only; returns the datasets changed."""
+    from ncd.data import registry
+
+    resize, crop = TINY_IMAGENET_SIDES
+    changed = []
+    for name, info in list(registry.DATASETS.items()):
+        if name == "imagenet" or name.startswith("imagenet-"):
+            registry.DATASETS[name] = dataclasses.replace(info, image_size=resize, crop_size=crop,
+                                                          cutout=max(1, round(info.cutout * crop / info.crop_size)))
+            changed.append(name)
+    return changed
 
 
 # -------------------------------------------------------------------------------- experiments
@@ -242,6 +264,11 @@ def prepare(config: dict[str, Any], name: str, plan: Plan) -> tuple[dict[str, An
     if "sela" in blocks:
         # label steps at the first batch and mid-epoch, the last one beyond the epoch
         exp["sela"]["nopts"] = 3 if exp["sela"]["label_schedule"] == "quadratic" else 4
+        if plan.tiny and exp["backbone"] != "sela_alexnet":  # AlexNet's classifier needs its 224 px (6x6 map)
+            resize, crop = TINY_IMAGENET_SIDES
+            aug = exp["sela"].setdefault("augment", {})
+            aug.update(crop_size=crop, eval_resize=resize, **({"resize": resize} if aug.get("resize") else {}))
+            notes.setdefault("sela", []).append(f"--tiny: crops of {crop} px (eval Resize {resize})")
     if "superand" in blocks:
         exp["superand"].update(rounds=2, epochs=1)  # two rounds of one epoch: round 1's anchor discovery runs
     if "selflabel" in blocks:
@@ -886,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
                          + ", ".join(names))
         names = [n for n in names if n in args.experiments]
     plan = Plan(args.device, args.tiny, steps)
+    shrunk = shrink_imagenet_for_tiny() if plan.tiny else []
     keep = args.out is not None
     out = args.out.resolve() if keep else Path(tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -896,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'batch size ' + str(TINY_BATCH) if plan.tiny else 'paper batch sizes'}; SIGUSR1 after {steps} steps, "
           f"epochs of {plan.batches(TINY_BATCH)}{'' if plan.tiny else f'/{plan.batches(512)}'} batches; "
           f"{len(names)} experiments; {'folder' if keep else 'temporary folder'} {out}", flush=True)
+    if shrunk:
+        print(f"gpu_check: --tiny: {', '.join(shrunk)} at Resize {TINY_IMAGENET_SIDES[0]} / crop {TINY_IMAGENET_SIDES[1]} "
+              "instead of 256 / 224; SeLa's ResNet crops alike (AlexNet and InfoMin's jigsaw keep their sizes)", flush=True)
     try:
         checker = Checker(config, plan, out, names, keep)
         if not checker.faiss:
