@@ -10,9 +10,9 @@ on-disk format (CIFAR pickles, STL-10 binaries, ImageNet folders of JPEGs; nothi
 runs through its real run function, so model, augmentation, loss, optimiser and precision are the experiment's.
 Changed in the slice: one epoch of a few batches (Lightning's limit_train_batches, set by this check's callback),
 one device, the data-loader workers, monitors off, and with --tiny batch size 4 and ImageNet at 64 px. A training
-stage is stopped after
-k steps by SIGUSR1 (SaveOnSignal writes last.ckpt mid-epoch and raises Preempted) and run again with the same
-context: it must resume from last.ckpt, finish the epoch and write the artifact that the next stage reads.
+stage is stopped after k steps by SIGUSR1 (SaveOnSignal writes last.ckpt mid-epoch and raises Preempted) and run
+again with the same context: it must resume from last.ckpt, finish the epoch and write the artifact that the next
+stage reads.
 
 One line per stage on stdout: status, images/s (steady state), peak GPU memory, mean data wait and step time per
 batch, bottleneck; progress and tracebacks go to stderr, each stage's log to its run folder. Then SeLa's label
