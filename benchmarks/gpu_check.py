@@ -266,8 +266,7 @@ def prepare(config: dict[str, Any], name: str, plan: Plan) -> tuple[dict[str, An
         exp["sela"]["nopts"] = 3 if exp["sela"]["label_schedule"] == "quadratic" else 4
         if plan.tiny and exp["backbone"] != "sela_alexnet":  # AlexNet's classifier needs its 224 px (6x6 map)
             resize, crop = TINY_IMAGENET_SIDES
-            aug = exp["sela"].setdefault("augment", {})
-            aug.update(crop_size=crop, eval_resize=resize, **({"resize": resize} if aug.get("resize") else {}))
+            exp["sela"].setdefault("augment", {}).update(crop_size=crop, eval_resize=resize)
             notes.setdefault("sela", []).append(f"--tiny: crops of {crop} px (eval Resize {resize})")
     if "superand" in blocks:
         exp["superand"].update(rounds=2, epochs=1)  # two rounds of one epoch: round 1's anchor discovery runs
