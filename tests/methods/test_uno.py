@@ -138,6 +138,12 @@ def _digits_cfg(batching: str, batch_size: int = 64) -> dict:
     return check_experiment("uno_digits", cfg)  # the split and the key pass the schema
 
 
+def _views(cfg: dict) -> int:
+    """Views per image: UNO's 2 large crops, plus the small ones under multicrop (the digits default)."""
+    d = cfg["discover"]
+    return 2 + (d["num_small_crops"] if d["multicrop"] else 0)
+
+
 def _train_counts() -> tuple[int, int]:
     y = np.asarray(build_dataset("digits", Path("."), "train").targets)
     return int(np.isin(y, KNOWN).sum()), int(np.isin(y, NOVEL).sum())
@@ -164,12 +170,12 @@ def _discover(tmp_path: Path, pre: Path, cfg: dict, monkeypatch) -> _Batches:
 def test_paired_batches_pair_known_with_cycled_novel_images(tmp_path, monkeypatch, digits_pretrained):
     """UNO's ImageNet batching: every step has b/2 known then b/2 novel rows, an epoch is one pass over
     the known images, and novel image i mod U rides with known image i (DiscoverDataset)."""
-    b, (n_known, n_novel) = 64, _train_counts()
-    rec = _discover(tmp_path, digits_pretrained, _digits_cfg("paired", b), monkeypatch)
+    b, (n_known, n_novel), cfg = 64, _train_counts(), _digits_cfg("paired", 64)
+    rec = _discover(tmp_path, digits_pretrained, cfg, monkeypatch)
     assert len(rec.seen) == n_known // (b // 2)  # one pass over the labeled images, last partial pair batch dropped
     lab_idx, unlab_idx = [], []
     for y, idx, sizes in rec.seen:
-        assert sizes == [b, b] and y.shape == (b,)
+        assert sizes == [b] * _views(cfg) and y.shape == (b,)
         assert bool((y[: b // 2] < len(KNOWN)).all()) and bool((y[b // 2:] >= len(KNOWN)).all())
         lab_idx.append(idx[: b // 2])
         unlab_idx.append(idx[b // 2:])
@@ -183,12 +189,12 @@ def test_paired_batches_pair_known_with_cycled_novel_images(tmp_path, monkeypatc
 
 def test_mixed_batches_are_unchanged(tmp_path, monkeypatch, digits_pretrained):
     """auto on digits = mixed: b rows per step from one shuffled loader over all classes."""
-    b, (n_known, n_novel) = 64, _train_counts()
-    rec = _discover(tmp_path, digits_pretrained, _digits_cfg("auto", b), monkeypatch)
+    b, (n_known, n_novel), cfg = 64, _train_counts(), _digits_cfg("auto", 64)
+    rec = _discover(tmp_path, digits_pretrained, cfg, monkeypatch)
     assert len(rec.seen) == (n_known + n_novel) // b
     idx = torch.cat([i for _, i, _ in rec.seen])
     assert len(set(idx.tolist())) == len(idx)  # indices into one set of all train images, each once
-    assert all(sizes == [b, b] for _, _, sizes in rec.seen)
+    assert all(sizes == [b] * _views(cfg) for _, _, sizes in rec.seen)
     known_per_batch = {int((y < len(KNOWN)).sum()) for y, _, _ in rec.seen}
     assert known_per_batch != {b // 2}  # the share of novel rows varies from batch to batch
 
