@@ -76,12 +76,14 @@ def run(out: Path, threads: int, seeds: list[int], sets: list[str], cores: int) 
 def table(paths: dict[int, Path], seeds: list[int]) -> list[str]:
     """Per floor and thread count: min / median / max over ``seeds``, the seeds below the floor, every value."""
     lines = [f"{'floor':36s} {'threads':>7s} {'min':>6s} {'median':>6s} {'max':>6s}  below  per seed"]
+    best: dict[int, list[dict[str, str]]] = {}
+    for threads, path in paths.items():
+        with path.open() as f:
+            best[threads] = [r for r in csv.DictReader(f) if r["head"] == "best" and int(r["seed"]) in seeds]
     for label, exp, stage, split, metric, floor in FLOORS:
         for threads, path in sorted(paths.items()):
-            with path.open() as f:
-                v = {int(r["seed"]): float(r["value"]) for r in csv.DictReader(f)
-                     if (r["experiment"], r["stage"], r["split"], r["metric"], r["head"]) == (exp, stage, split, metric, "best")
-                     and int(r["seed"]) in seeds}
+            v = {int(r["seed"]): float(r["value"]) for r in best[threads]
+                 if (r["experiment"], r["stage"], r["split"], r["metric"]) == (exp, stage, split, metric)}
             if not v:
                 lines.append(f"{label + f' (>= {floor})':36s} {threads:>7d}  no rows in {path}")
                 continue

@@ -69,8 +69,8 @@ def test_the_config_it_writes_is_a_valid_workflow_config(tmp_path, monkeypatch):
     assert calls[0][1] == str(target) and calls[0][-1] == str(tmp_path / "t2" / "config.yaml")
     bindir = Path(sys.executable).parent
     dry = real_run([str(bindir / "snakemake"), "-n", str(target), "--configfile", calls[0][-1], "--cores", "2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)})
+                   cwd=ROOT, capture_output=True, text=True, timeout=300,
+                   env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)})
     assert dry.returncode == 0, dry.stderr[-3000:]
     out = dry.stdout + dry.stderr
     for exp in ("scan_digits", "uno_digits", "sela_digits", "cld_digits", "twostage_digits"):

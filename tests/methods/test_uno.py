@@ -170,7 +170,8 @@ def _discover(tmp_path: Path, pre: Path, cfg: dict, monkeypatch) -> _Batches:
 def test_paired_batches_pair_known_with_cycled_novel_images(tmp_path, monkeypatch, digits_pretrained):
     """UNO's ImageNet batching: every step has b/2 known then b/2 novel rows, an epoch is one pass over
     the known images, and novel image i mod U rides with known image i (DiscoverDataset)."""
-    b, (n_known, n_novel), cfg = 64, _train_counts(), _digits_cfg("paired", 64)
+    b, (n_known, n_novel) = 64, _train_counts()
+    cfg = _digits_cfg("paired", b)
     rec = _discover(tmp_path, digits_pretrained, cfg, monkeypatch)
     assert len(rec.seen) == n_known // (b // 2)  # one pass over the labeled images, last partial pair batch dropped
     lab_idx, unlab_idx = [], []
@@ -189,7 +190,8 @@ def test_paired_batches_pair_known_with_cycled_novel_images(tmp_path, monkeypatc
 
 def test_mixed_batches_are_unchanged(tmp_path, monkeypatch, digits_pretrained):
     """auto on digits = mixed: b rows per step from one shuffled loader over all classes."""
-    b, (n_known, n_novel), cfg = 64, _train_counts(), _digits_cfg("auto", 64)
+    b, (n_known, n_novel) = 64, _train_counts()
+    cfg = _digits_cfg("auto", b)
     rec = _discover(tmp_path, digits_pretrained, cfg, monkeypatch)
     assert len(rec.seen) == (n_known + n_novel) // b
     idx = torch.cat([i for _, i, _ in rec.seen])
