@@ -131,7 +131,7 @@ from ncd.config import check_stage_config, load_config, resolve_experiment, stag
 from ncd.data import get_info, imagenet_subset_classes  # noqa: E402
 from ncd.data.uno import uno_imagenet_wnids  # noqa: E402
 from ncd.errors import Preempted  # noqa: E402
-from ncd.methods import common  # noqa: E402
+from ncd.methods import common, training  # noqa: E402
 from ncd.models import build_backbone  # noqa: E402
 from ncd.stages import STAGES, Stage, load, stages_of  # noqa: E402
 from ncd.utils import seed_everything  # noqa: E402
@@ -704,7 +704,7 @@ class Checker:
     # -- experiments
     def run(self) -> None:
         factories = [lambda: StepTimer(_PROBE[0]), lambda: StopAfter(_PROBE[0])]
-        common.EXTRA_CALLBACKS.extend(factories)
+        training.EXTRA_CALLBACKS.extend(factories)
         self.log.install()
         try:
             for name in self.names:
@@ -712,7 +712,7 @@ class Checker:
             self.label_step()
         finally:
             for f in factories:
-                common.EXTRA_CALLBACKS.remove(f)
+                training.EXTRA_CALLBACKS.remove(f)
             self.log.stop()
 
     def experiment(self, name: str) -> None:
@@ -901,8 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else (2 if args.tiny else 3)
     if steps < 1:
         parser.error(f"--steps must be at least 1, got {steps}")
-    if not hasattr(common, "EXTRA_CALLBACKS"):
-        parser.error("ncd.methods.common has no EXTRA_CALLBACKS: this check needs that hook of fit()")
+    if not hasattr(training, "EXTRA_CALLBACKS"):
+        parser.error("ncd.methods.training has no EXTRA_CALLBACKS: this check needs that hook of fit()")
     config = load_paper_config()
     names = paper_experiments(config)
     if args.experiments:

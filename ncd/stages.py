@@ -7,7 +7,10 @@ command line, the evaluate dispatch, the per-stage config slices (:func:`ncd.con
 the metrics vocabulary and the report's grouping.
 
 Adding a method = its module in ``ncd/methods``, its entries here, its schema block
-(``ncd/schema/<block>.yaml``) and its config blocks.
+(``ncd/schema/<block>.yaml``) and its config blocks. An evaluator lives in a module that imports no
+Lightning (``ncd/methods/<method>_eval.py``, or the stage's own module when that trains nothing): an
+evaluate job imports only ``ncd.methods.evaluate`` and the evaluator's module
+(tests/test_import_weight.py checks it).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Stage:
     blocks: tuple[str, ...] = ()               # config blocks read besides the shared keys
     output: str = "model.ckpt"
     evaluate: str | None = None                # "module:function" → (rows, confusion); None: not evaluated
+    #                                            (a module without Lightning: evaluating trains nothing)
     gpu: bool = True                           # asks the cluster for a GPU
     multi_device: bool = False                 # may train on runtime.devices > 1 (DDP)
     resumable: bool = True                     # trains with Lightning and resumes from last.ckpt
@@ -92,7 +96,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           blocks=("cluster",), evaluate="ncd.methods.kmeans:evaluate_kmeans", gpu=False, resumable=False),
     Stage("pretrain", "scan", "ncd.methods.simclr:run_pretrain",
           "SimCLR pretext training (or a MoCo import): the backbone every later SCAN stage starts from",
-          blocks=("pretrain", "download"), evaluate="ncd.methods.simclr:evaluate_pretrain", multi_device=True),
+          blocks=("pretrain", "download"), evaluate="ncd.methods.scan_eval:evaluate_pretrain",
+          multi_device=True),
     Stage("mine", "scan", "ncd.methods.neighbors:run_mine",
           "nearest neighbours of every image on the pretext features (faiss, exact inner product)",
           inputs={"pretrain": "pretrain"}, blocks=("mine",), output="neighbors.npz", resumable=False),
@@ -103,9 +108,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("scan", "scan", "ncd.methods.scan:run_scan",
           "SCAN clustering on the mined neighbours; keeps the head with the lowest validation loss",
           inputs={"pretrain": "pretrain", "neighbors": "mine"}, blocks=("scan",),
-          evaluate="ncd.methods.scan:evaluate_clustering", multi_device=True),
+          evaluate="ncd.methods.scan_eval:evaluate_clustering", multi_device=True),
     Stage("selflabel", "scan", "ncd.methods.selflabel:run_selflabel", "self-labeling from the selected SCAN head",
-          inputs={"scan": "scan"}, blocks=("selflabel",), evaluate="ncd.methods.scan:evaluate_clustering",
+          inputs={"scan": "scan"}, blocks=("selflabel",), evaluate="ncd.methods.scan_eval:evaluate_clustering",
           multi_device=True),
     Stage("pretrain_supervised", "uno", "ncd.methods.uno:run_pretrain_supervised",
           "UNO stage 1: supervised pretraining on the known classes", blocks=("pretrain_supervised",),
@@ -113,24 +118,24 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("discover", "uno", "ncd.methods.uno:run_discover",
           "UNO stage 2: novel class discovery with the unified objective",
           inputs={"pretrain": "pretrain_supervised"}, blocks=("discover",),
-          evaluate="ncd.methods.uno:evaluate_uno", multi_device=True),
+          evaluate="ncd.methods.uno_eval:evaluate_uno", multi_device=True),
     Stage("sela", "sela", "ncd.methods.sela:run_sela",
           "SeLa: multi-head self-labelling, Sinkhorn-Knopp label steps between CE epochs",
-          blocks=("sela",), evaluate="ncd.methods.sela:evaluate_sela"),
+          blocks=("sela",), evaluate="ncd.methods.sela_eval:evaluate_sela"),
     Stage("cld", "cld", "ncd.methods.cld:run_cld",
           "CLD: an instance-discrimination learner (NPID, MoCo, MoCo v2, InfoMin) + the cross-level group branch",
           blocks=("cld", "evaluate"), evaluate="ncd.methods.cld_eval:evaluate_cld", multi_device=True),
     Stage("cld_probe", "cld", "ncd.methods.cld_probe:run_cld_probe",
           "CLD's ImageNet linear probe: a linear classifier on the frozen CLD backbone (runs when cld_probe.epochs > 0)",
-          inputs={"cld": "cld"}, blocks=("cld_probe",), evaluate="ncd.methods.cld_probe:evaluate_cld_probe",
+          inputs={"cld": "cld"}, blocks=("cld_probe",), evaluate="ncd.methods.cld_probe_eval:evaluate_cld_probe",
           multi_device=True, enabled=_cld_probe_on),
     Stage("superand", "twostage", "ncd.methods.superand:run_superand",
           "two-stage classifier, stage 1: Super-AND embedding (memory bank, five rounds of anchor neighbourhoods)",
-          blocks=("superand",), evaluate="ncd.methods.twostage:evaluate_twostage"),
+          blocks=("superand",), evaluate="ncd.methods.twostage_eval:evaluate_twostage"),
     Stage("twostage", "twostage", "ncd.methods.twostage:run_twostage",
           "two-stage classifier, stage 2: fixed normalised heads (IIC) + consistency-preserving loss",
           inputs={"embed": "superand"}, blocks=("twostage", "superand"),
-          evaluate="ncd.methods.twostage:evaluate_twostage", skip_inputs=_twostage_skip),
+          evaluate="ncd.methods.twostage_eval:evaluate_twostage", skip_inputs=_twostage_skip),
 )}
 
 # The metrics table (DESIGN.md): its columns and vocabulary, extended, never renamed.

@@ -31,7 +31,8 @@ from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
 from ncd.eval.knn import weighted_knn
 from ncd.losses import cld_loss, enqueue, memory_bank_update, moco_logits, npid_loss
-from ncd.methods.common import RunContext, base_arch, build_optimizer, complete, fit, make_loader
+from ncd.methods.common import RunContext, base_arch, build_optimizer, complete, make_loader
+from ncd.methods.training import fit
 from ncd.models.cld import CLDModel, build_cld_backbone
 from ncd.ops import npid_memory_init
 

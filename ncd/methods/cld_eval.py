@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torch import Tensor
 
 from ncd.data import get_info
@@ -68,6 +67,8 @@ def evaluate_cld(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
         if best is not None:
             rows.append(("test", "best", selected_on_test("knn_top1"), best))
     if sc["kmeans_eval"]:
+        from sklearn.cluster import KMeans  # lazily: only the k-means rows need it
+
         km = KMeans(n_clusters=info.num_classes, n_init=10, random_state=ctx.seed).fit(feats["train"][0].double().numpy())
         for split in splits:
             f, y = feats[split]

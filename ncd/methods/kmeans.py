@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
@@ -32,6 +31,8 @@ def pixels(dataset: str, root: Path, split: str, crop_size: int) -> tuple[np.nda
 
 def run_kmeans(ctx: RunContext, out: Path) -> None:
     """Fit k-means (scikit-learn, ``n_init`` restarts, seeded) on the train split's pixels."""
+    from sklearn.cluster import KMeans  # lazily: evaluating the centroids needs no fitting
+
     sc = ctx.stage_cfg
     dataset = ctx.cfg["dataset"]
     info = get_info(dataset, ctx.data_root)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torch.nn import functional as F
 
 from ncd.checkpoint import load_model, save_model
@@ -39,6 +38,8 @@ def _features(ctx: RunContext, model: torch.nn.Module, info, split: str, device:
 def run_pretext_kmeans(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
     """Fit k-means (``n_init`` restarts, seeded) on the train split's pretext features; write ``out``
     (model.ckpt: the pretext model and the centroids)."""
+    from sklearn.cluster import KMeans  # lazily: evaluating the centroids needs no fitting
+
     sc = ctx.stage_cfg
     info = get_info(ctx.cfg["dataset"], ctx.data_root)
     device = inference_device(ctx.runtime)

@@ -16,22 +16,11 @@ from ncd.checkpoint import load_model, load_state_strict, save_model
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import NeighborsDataset, Transformed
 from ncd.errors import NcdError
-from ncd.eval import hungarian_evaluate, scan_head_losses
-from ncd.eval.rows import Row, confusion_of, head_rows
+from ncd.eval.clustering import hungarian_evaluate, scan_head_losses
 from ncd.losses import scan_loss
 from ncd.methods.neighbors import load_neighbors
-from ncd.methods.common import (
-    RunContext,
-    build_optimizer,
-    collect,
-    eval_loader,
-    eval_splits,
-    complete,
-    fit,
-    make_loader,
-    restore,
-    split_names,
-)
+from ncd.methods.common import RunContext, build_optimizer, complete, make_loader
+from ncd.methods.training import fit
 from ncd.models import ClusteringModel, build_backbone
 
 log = logging.getLogger("ncd")
@@ -175,22 +164,3 @@ def run_scan(ctx: RunContext, pretrain_ckpt: Path, neighbors: Path, out: Path) -
     complete(ctx, lambda: save_model(out, state, clustering_arch(arch, k, heads),
                                      ctx.meta(best_head=module.best_head, best_val_loss=module.best_loss)))
     log.info("SCAN done: head %d, lowest validation loss %.4f", module.best_head, module.best_loss)
-
-
-
-def evaluate_clustering(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
-    """SCAN's protocol for a clustering model (scan and selflabel): per head, Hungarian ACC, NMI, ARI
-    and top-5 ACC; ``best`` = the head the stage selected; the best head's test confusion."""
-    info = get_info(ctx.cfg["dataset"], ctx.data_root)
-    model, names = restore(blob, device), split_names(info)
-    best = int(blob["meta"].get("best_head", 0))
-    rows: list[Row] = []
-    confusion: dict = {}
-    for split in eval_splits(ctx):
-        logits, y = collect(model, eval_loader(ctx, info, names[split]), device, f"predict {split}")
-        probs = torch.softmax(logits, -1)
-        results = [hungarian_evaluate(p.argmax(1), y, p, return_reordered=True) for p in probs]
-        rows += head_rows(split, results, ("acc", "nmi", "ari", "acc_top5"), best)
-        if split == "test" and best < len(results):
-            confusion = confusion_of(results[best], best)
-    return rows, confusion

@@ -14,9 +14,10 @@ from ncd.checkpoint import load_model, load_state_strict, save_model
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import Transformed, WeakStrong
 from ncd.errors import NcdError
-from ncd.eval import hungarian_evaluate
+from ncd.eval.clustering import hungarian_evaluate
 from ncd.losses import confidence_ce
-from ncd.methods.common import RunContext, build_optimizer, complete, fit, make_loader
+from ncd.methods.common import RunContext, build_optimizer, complete, make_loader
+from ncd.methods.training import fit
 from ncd.models import ClusteringModel, model_from_arch
 
 log = logging.getLogger("ncd")

@@ -14,23 +14,9 @@ from ncd.checkpoint import load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
-from ncd.eval.knn import weighted_knn
-from ncd.eval.rows import Row
 from ncd.losses import simclr_loss
-from ncd.methods.common import (
-    RunContext,
-    base_arch,
-    build_optimizer,
-    build_scheduler,
-    collect,
-    eval_loader,
-    eval_splits,
-    complete,
-    fit,
-    make_loader,
-    restore,
-    split_names,
-)
+from ncd.methods.common import RunContext, base_arch, build_optimizer, build_scheduler, complete, make_loader
+from ncd.methods.training import fit
 from ncd.models import ContrastiveModel, build_backbone
 
 log = logging.getLogger("ncd")
@@ -127,19 +113,3 @@ def import_moco(ctx: RunContext, out: Path) -> None:
     save_model(out, model.state_dict(), contrastive_arch(ctx, dim, "identity", dim),
                ctx.meta(pretext="moco", source=src))
     log.info("imported MoCo encoder from %s (%d tensors)", src, len(enc))
-
-
-def evaluate_pretrain(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
-    """Weighted kNN top-1 (``evaluate.knn_k``, ``knn_sigma``) of the pretext features, the train
-    split as the bank."""
-    info = get_info(ctx.cfg["dataset"], ctx.data_root)
-    model, names, ev = restore(blob, device), split_names(info), ctx.cfg["evaluate"]
-    bank, bank_y = collect(model, eval_loader(ctx, info, names["train"]), device, "embed train")
-    rows: list[Row] = []
-    for split in eval_splits(ctx):
-        feats, y = (bank, bank_y) if split == "train" else \
-            collect(model, eval_loader(ctx, info, names[split]), device, f"embed {split}")
-        res = weighted_knn(bank, bank_y, feats, y, info.num_classes, k=min(int(ev["knn_k"]), len(bank)),
-                           sigma=float(ev["knn_sigma"]))
-        rows.append((split, "best", "knn_top1", float(res["top1"])))
-    return rows, {}

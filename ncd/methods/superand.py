@@ -16,22 +16,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchvision import transforms as T
 
 from ncd.checkpoint import save_model
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import MultiView, Transformed
-from ncd.errors import NcdError
-from ncd.eval.knn import weighted_knn
 from ncd.losses import anchor_neighbourhoods, memory_bank_update, super_and_loss
-from ncd.methods.common import (
-    RunContext,
-    build_optimizer,
-    finish,
-    fit,
-    make_loader,
-    single_device,
-)
+from ncd.methods.common import RunContext, build_optimizer, finish, make_loader, single_device
+from ncd.methods.training import fit
+from ncd.methods.twostage_eval import _renormalize, eval_transform, knn_monitor
 from ncd.models.sobel import ResNet18withSobel, SuperANDModel
 
 log = logging.getLogger("ncd")
@@ -48,26 +40,10 @@ def lr_factor(epoch: int, start: int = 80, every: int = 40, gamma: float = 0.1) 
     return 1.0 if epoch < start else gamma ** ((epoch - start) // every)
 
 
-def _renormalize(t: T.Compose, norm: dict[str, Any] | None) -> T.Compose:
-    """Replace the dataset's normalisation constants by the official code's, where it has its own
-    (its CIFAR-100 std (0.2009, 0.1984, 0.2023) differs from the usual one)."""
-    if not norm or norm.get("mean") is None:
-        return t
-    for op in t.transforms:
-        if isinstance(op, T.Normalize):
-            op.mean, op.std = list(norm["mean"]), list(norm["std"])
-    return t
-
-
 def train_transform(ctx: RunContext, info, augment: dict[str, Any] | None):
     """Super-AND's per-image augmentation; ``augment`` overrides its parameters one by one."""
     t = ctx.transform("simclr", info, {**SAND_AUGMENT, **(augment or {})})
     return _renormalize(t, ctx.cfg.get("superand", {}).get("normalize"))
-
-
-def eval_transform(ctx: RunContext, info):
-    """The official test transform: centre crop (a no-op at the training size) and normalisation."""
-    return _renormalize(ctx.transform("val", info), ctx.cfg.get("superand", {}).get("normalize"))
 
 
 def build_encoder(ctx: RunContext, info, low_dim: int) -> ResNet18withSobel:
@@ -196,18 +172,6 @@ class SuperANDModule(L.LightningModule):
         opt = build_optimizer(self.model.parameters(), self.cfg["optimizer"])
         sched = lr_schedule(opt, self.cfg.get("lr_schedule", {}), period=self.epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-
-def knn_monitor(memory: torch.Tensor, train_labels: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor,
-                num_classes: int, k: int = 200, sigma: float = 0.1) -> float:
-    """Weighted kNN top-1 of ``feats`` against the memory bank's labelled rows (the official monitor
-    does not recompute the training features)."""
-    keep = train_labels >= 0
-    if not bool(keep.any()):
-        raise NcdError("the Super-AND kNN monitor needs labelled training images; the stage-1 split has none")
-    bank = memory[keep]
-    return float(weighted_knn(bank, train_labels[keep], feats.to(bank.device), labels, num_classes,
-                              k=min(int(k), bank.shape[0]), sigma=sigma)["top1"])
 
 
 def run_superand(ctx: RunContext, out: Path) -> None:

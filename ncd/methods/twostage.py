@@ -1,5 +1,5 @@
-"""Stage 2 of the two-stage classifier (Han et al., ECCV 2020; METHODS.md 6.4) and the evaluation
-of both stages.
+"""Stage 2 of the two-stage classifier (Han et al., ECCV 2020; METHODS.md 6.4); the evaluation of both
+stages is :mod:`ncd.methods.twostage_eval`.
 
 The encoder from stage 1 is fine-tuned so that five fixed, normalised softmax heads (weights
 N(0, 1), never trained) agree across two views (IIC mutual information, mean over heads), while
@@ -23,30 +23,11 @@ from ncd.checkpoint import load_model, load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
-from ncd.eval.clustering import hungarian_evaluate
-from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses import twostage_loss
-from ncd.methods.common import (
-    RunContext,
-    build_optimizer,
-    collect,
-    eval_loader,
-    eval_splits,
-    finish,
-    fit,
-    make_loader,
-    restore,
-    single_device,
-    split_names,
-)
-from ncd.methods.superand import (
-    build_encoder,
-    encoder_arch,
-    eval_transform,
-    knn_monitor,
-    lr_schedule,
-    train_transform,
-)
+from ncd.methods.common import RunContext, build_optimizer, finish, make_loader, single_device
+from ncd.methods.superand import build_encoder, encoder_arch, lr_schedule, train_transform
+from ncd.methods.training import fit
+from ncd.methods.twostage_eval import stage2_split
 from ncd.models.sobel import TwoStageModel
 
 log = logging.getLogger("ncd")
@@ -117,12 +98,6 @@ class TwoStageModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-def stage2_split(ctx: RunContext, info) -> str:
-    """Stage 2's training split, also the one its ``train`` metrics are scored on: ``twostage.split``,
-    else the dataset's train split (STL-10 in the paper: ``train+test``, the 13,000 labelled images)."""
-    return ctx.cfg.get("twostage", {}).get("split") or info.train_split
-
-
 def run_twostage(ctx: RunContext, embed_ckpt: Path | None, out: Path) -> None:
     """Stage 2 on the labelled split :func:`stage2_split`, from the stage-1 checkpoint (``init: superand``) or from a
     random encoder (``init: scratch``, the supplement's ablation) → model.ckpt."""
@@ -170,42 +145,3 @@ def run_twostage(ctx: RunContext, embed_ckpt: Path | None, out: Path) -> None:
     save_model(out, model.state_dict(), arch,
                ctx.meta(best_head=best_head, best_epoch=best["epoch"], best_loss=best["loss"], mi_per_head=mi, init=init))
     finish(ctx)
-
-
-def evaluate_twostage(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
-    """Metrics rows ``(split, head, metric, value)`` and a confusion matrix for either stage.
-
-    superand: weighted kNN top-1 (k, σ of the stage-1 config) of the test split's embeddings against
-    the memory bank's labelled rows, the official monitor (whatever ``splits`` says).
-    twostage: per split (``train`` = the split stage 2 trained on, the paper's protocol: STL-10's
-    13,000 labelled images with ``split: train+test``; ``test`` = the test split), per head: Hungarian accuracy
-    (SCAN's ``hungarian_evaluate``; C × C votes, as the official ``protocols.test``), NMI and ARI;
-    ``best`` = the head with the lowest training loss, ``avg`` = mean over heads.
-    """
-    model, arch = restore(blob, device), blob["arch"]
-    dataset = ctx.cfg["dataset"]
-    info = get_info(dataset, ctx.data_root)
-    t = eval_transform(ctx, info)
-
-    def loader(split: str):
-        return eval_loader(ctx, info, split, t)
-
-    if arch["kind"] == "superand":
-        sc = ctx.cfg.get("superand", {})
-        labels = torch.as_tensor(build_dataset(dataset, ctx.data_root, arch["split"]).targets, dtype=torch.long)
-        feats, y = collect(model, loader(info.test_split), device, "embed test")
-        knn = knn_monitor(model.memory.cpu(), labels, feats, y, info.num_classes, int(sc.get("knn_k", 200)),
-                          float(sc.get("knn_sigma", 0.1)))
-        return [("test", "best", "knn_top1", knn)], {}
-
-    best = int(blob["meta"].get("best_head", 0))
-    names = {**split_names(info), "train": arch.get("split") or stage2_split(ctx, info)}
-    rows: list[Row] = []
-    confusion: dict[str, Any] = {}
-    for split in eval_splits(ctx):
-        probs, y = collect(model, loader(names[split]), device, f"predict {split}")
-        results = [hungarian_evaluate(p.argmax(1), y, return_reordered=True) for p in probs]
-        rows += head_rows(split, results, ("acc", "nmi", "ari"), best, avg=True)
-        if best < len(results) and (split == "train" or not confusion):
-            confusion = confusion_of(results[best], best, split=split)
-    return rows, confusion

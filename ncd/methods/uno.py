@@ -8,80 +8,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm import tqdm
 
 from ncd.checkpoint import load_model, save_model
 from ncd.data import build_dataset, get_info
-from ncd.data.uno import (
-    build_uno_transform,
-    remap_targets,
-    uno_imagenet_split_ids,
-    uno_split,
-)
+from ncd.data.uno import build_uno_transform
 from ncd.errors import NcdError
-from ncd.eval.clustering import cluster_acc, hungarian_evaluate
-from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.losses import uno_loss
-from ncd.methods.common import (
-    RunContext,
-    base_arch,
-    build_optimizer,
-    build_scheduler,
-    complete,
-    fit,
-    make_loader,
-    restore,
-)
+from ncd.methods.common import RunContext, base_arch, build_optimizer, build_scheduler, complete, make_loader
+from ncd.methods.training import fit
+from ncd.methods.uno_eval import Relabeled, resolve_split
 from ncd.models import build_backbone
 from ncd.models.uno import MultiHeadModel
 
 log = logging.getLogger("ncd")
-
-
-def resolve_split(cfg: dict[str, Any], data_root: Path) -> tuple[list[int], list[int]]:
-    """Known and novel class ids in the dataset's label space, from ``split`` or ``split_name``."""
-    if cfg.get("split"):
-        return list(cfg["split"]["known"]), list(cfg["split"]["novel"])
-    name = cfg.get("split_name")
-    if not name:
-        raise NcdError("a UNO experiment needs 'split' (known/novel class ids) or 'split_name'; got neither")
-    if name.startswith("imagenet-"):
-        train = Path(data_root) / "train"
-        wnids = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
-        return uno_imagenet_split_ids(name.split("-", 1)[1], wnids)
-    dataset, known, novel = uno_split(name)
-    if dataset != cfg["dataset"]:
-        raise NcdError(f"split_name {name!r} is for dataset {dataset!r}, but the experiment uses {cfg['dataset']!r}")
-    return known, novel
-
-
-class Relabeled(Dataset):
-    """The images of ``base`` whose class is known or novel, relabeled known → 0..nlc−1,
-    novel → nlc..nlc+nuc−1; items are ``(views, target, index)`` with one view per transform."""
-
-    def __init__(self, base: Dataset, known: list[int], novel: list[int], transforms: list, classes: str = "all") -> None:
-        targets, keep = remap_targets(np.asarray(base.targets), known, novel)
-        nlc = len(known)
-        if classes == "known":
-            keep &= targets < nlc
-        elif classes == "novel":
-            keep &= targets >= nlc
-        self.base, self.transforms = base, transforms
-        self.indices = np.flatnonzero(keep)
-        self.targets = targets[self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        img, _ = self.base[int(self.indices[i])]
-        views = [t(img) for t in self.transforms]
-        return (views if len(views) > 1 else views[0]), int(self.targets[i]), i
 
 
 class Paired(Dataset):
@@ -287,49 +229,3 @@ def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
     log.info("UNO best head %d (summed cluster loss of the last epoch: %s)", best, [round(float(v), 3) for v in losses])
     complete(ctx, lambda: save_model(out, model.state_dict(), arch,
                                      ctx.meta(best_head=best, known=known, novel=novel, loss_per_head=losses.tolist())))
-
-
-@torch.no_grad()
-def _outputs(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Labeled logits ``[N, C_l]``, every head's novel logits ``[H, N, C_u]`` and the targets."""
-    lab, unlab, ys = [], [], []
-    for x, y, _ in tqdm(loader, desc="predict", leave=False, mininterval=2.0):
-        o = model(x.to(device, non_blocking=True))
-        lab.append(o["logits_lab"].float().cpu())
-        unlab.append(o["logits_unlab"].float().cpu())
-        ys.append(torch.as_tensor(y))
-    return torch.cat(lab), torch.cat(unlab, dim=1), torch.cat(ys)
-
-
-def evaluate_uno(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
-    """UNO's three protocols (METHODS 3.6): task-aware and task-agnostic clustering accuracy on the
-    novel classes of the train and test splits (per head, ``avg`` and ``best``), and accuracy on
-    the known test classes."""
-    info = get_info(ctx.cfg["dataset"], ctx.data_root)
-    model = restore(blob, device)
-    known, novel = resolve_split(ctx.cfg, ctx.data_root)
-    best, bs = int(blob["meta"].get("best_head", 0)), int(ctx.cfg["evaluate"]["batch_size"])
-    t = build_uno_transform("eval", info)
-    rows: list[Row] = []
-    confusion: dict = {}
-    for name, split, classes in (("train-novel", info.train_split, "novel"), ("test-novel", info.test_split, "novel"),
-                                 ("test-known", info.test_split, "known")):
-        ds = Relabeled(build_dataset(ctx.cfg["dataset"], ctx.data_root, split), known, novel, [t], classes=classes)
-        lab, unlab, y = _outputs(model, make_loader(ds, bs, ctx, train=False), device)
-        if classes == "known":
-            agnostic = torch.cat([lab, unlab[best]], dim=1).argmax(1)
-            rows += [(name, "best", "acc", float((lab.argmax(1) == y).float().mean())),
-                     (name, "best", "acc_agnostic", float((agnostic == y).float().mean()))]
-            continue
-        target = (y - y.min()).numpy()  # UNO shifts the novel targets by their minimum
-        results = []
-        for h in range(unlab.shape[0]):
-            aware = unlab[h].argmax(1).numpy()
-            agnostic = torch.cat([lab, unlab[h]], dim=1).argmax(1).numpy()
-            results.append({"acc": cluster_acc(target, aware), "acc_agnostic": cluster_acc(target, agnostic),
-                            "nmi": normalized_mutual_info_score(target, aware), "ari": adjusted_rand_score(target, aware)})
-            if h == best and name == "test-novel":
-                res = hungarian_evaluate(torch.from_numpy(aware), torch.from_numpy(target), return_reordered=True)
-                confusion = confusion_of(res, best)
-        rows += head_rows(name, results, ("acc", "acc_agnostic", "nmi", "ari"), best, avg=True)
-    return rows, confusion

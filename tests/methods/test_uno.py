@@ -18,7 +18,7 @@ from ncd.config import check_experiment, load_config, resolve_experiment
 from ncd.data import build_dataset, get_info
 from ncd.data.uno import build_uno_transform
 from ncd.errors import NcdError, Preempted
-from ncd.methods import common
+from ncd.methods import common, training
 from ncd.methods.evaluate import evaluate
 from ncd.methods.common import RunContext, build_optimizer, build_scheduler
 from ncd.methods.uno import discover_loader, resolve_batching, run_discover, run_pretrain_supervised
@@ -159,7 +159,7 @@ def digits_pretrained(tmp_path_factory) -> Path:
 
 def _discover(tmp_path: Path, pre: Path, cfg: dict, monkeypatch) -> _Batches:
     rec = _Batches()
-    monkeypatch.setattr(common, "EXTRA_CALLBACKS", [lambda: rec])
+    monkeypatch.setattr(training, "EXTRA_CALLBACKS", [lambda: rec])
     out = tmp_path / "discover"
     out.mkdir(exist_ok=True)
     L.seed_everything(0)
