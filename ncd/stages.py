@@ -96,7 +96,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           blocks=("cluster",), evaluate="ncd.methods.kmeans:evaluate_kmeans", gpu=False, resumable=False),
     Stage("pretrain", "scan", "ncd.methods.simclr:run_pretrain",
           "SimCLR pretext training (or a MoCo import): the backbone every later SCAN stage starts from",
-          blocks=("pretrain", "download"), evaluate="ncd.methods.scan_eval:evaluate_pretrain",
+          blocks=("pretrain", "download", "augment"), evaluate="ncd.methods.scan_eval:evaluate_pretrain",
           multi_device=True),
     Stage("mine", "scan", "ncd.methods.neighbors:run_mine",
           "nearest neighbours of every image on the pretext features (faiss, exact inner product)",

@@ -235,3 +235,28 @@ def test_a_killed_stage_resumes_only_under_its_own_unchanged_slice(config, work,
     text = log.read_text()
     assert "written under another configuration" in text and "resuming stage" not in text
     assert _history_epochs(out.parent) == [1, 2]
+
+
+def test_batched_augmentation_pretrain_resumes_exactly_and_differs_from_pil(config, work, tmp_path):
+    """``augment.backend: batched``: the SimCLR pretext killed with SIGKILL after a mid-epoch save and
+    rerun ends bit-identical to an uninterrupted batched run (each view is a function of seed, epoch
+    and index), and the backend is part of the stage's slice (its views differ from the PIL path's)."""
+    stage = "pretrain"
+    batched = copy.deepcopy(config)
+    batched["experiments"]["scan_digits"]["augment"] = {"backend": "batched"}
+    straight = tmp_path / "straight" / "model.ckpt"
+    log = tmp_path / "straight.log"
+    assert main([stage, *_args(batched, work, stage, straight), "--log", str(log)]) == 0
+    assert "batched augmentation" in log.read_text()
+    out = tmp_path / "killed" / "model.ckpt"
+    r = _run_killed(_args(batched, work, stage, out), stage, {KILL_MID_EPOCH: "1"})
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert (out.parent / "last.ckpt").is_file() and not out.exists()
+    log = tmp_path / "resumed.log"
+    assert main([stage, *_args(batched, work, stage, out), "--log", str(log)]) == 0
+    assert "resuming stage" in log.read_text() and _history_epochs(out.parent) == [1, 2]
+    _assert_same_weights(out, straight)
+    pil = tmp_path / "pil" / "model.ckpt"
+    assert main([stage, *_args(config, work, stage, pil)]) == 0
+    with pytest.raises(AssertionError, match="tensors differ"):
+        _assert_same_weights(pil, straight)

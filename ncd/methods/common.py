@@ -105,7 +105,8 @@ class SeededItems(Dataset):
         torch.default_generator.manual_seed(s)
         random.seed(s)
         np.random.seed(s & 0xFFFFFFFF)
-        return self.base[i]
+        keyed = getattr(self.base, "keyed_item", None)  # items that carry their key (batched augmentation)
+        return keyed(epoch, i) if keyed is not None else self.base[i]
 
 
 class EpochSampler(DistributedSampler):

@@ -12,6 +12,7 @@ from torchvision.datasets.utils import check_integrity, download_url
 
 from ncd.checkpoint import load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import RawImages, SimCLRViews, apply_views, simclr_views
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
 from ncd.losses import simclr_loss
@@ -23,12 +24,22 @@ log = logging.getLogger("ncd")
 
 
 class SimCLRModule(L.LightningModule):
-    """Two SimCLR views per image through backbone + MLP head; SCAN's one-directional NT-Xent."""
+    """Two SimCLR views per image through backbone + MLP head; SCAN's one-directional NT-Xent.
 
-    def __init__(self, model: ContrastiveModel, cfg: dict[str, Any]) -> None:
+    With ``views`` (augment.backend: batched) the loader hands over uint8 images and their keys, and
+    the views are made on the training device once the batch is there."""
+
+    def __init__(self, model: ContrastiveModel, cfg: dict[str, Any],
+                 views: list[SimCLRViews] | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.views = views
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.views is not None and isinstance(batch[0], dict):
+            return (apply_views(self.views, batch[0]), *batch[1:])
+        return batch
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         views = batch[0]                                   # [b, 2, C, H, W]
@@ -64,11 +75,20 @@ def run_pretrain(ctx: RunContext, out: Path) -> None:
     backbone, dim = build_backbone(ctx.cfg["backbone"], info.channels, **ctx.cfg.get("backbone_kwargs", {}))
     head, fdim = sc.get("head", "mlp"), int(sc.get("features_dim", 128))
     model = ContrastiveModel(backbone, dim, head=head, features_dim=fdim)
-    t = ctx.transform("simclr", info, sc.get("augment"))
-    ds = MultiView(build_dataset(dataset, ctx.data_root, info.pretrain_split), [t, t])
-    log.info("SimCLR on %s/%s: %d images, backbone %s, %d epochs", dataset, info.pretrain_split,
-             len(ds), ctx.cfg["backbone"], sc["epochs"])
-    fit(SimCLRModule(model, sc), make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
+    base = build_dataset(dataset, ctx.data_root, info.pretrain_split)
+    backend = ctx.cfg.get("augment", {}).get("backend", "pil")
+    views = None
+    if backend == "batched":
+        options = {**ctx.cfg.get("transform", {}), **(sc.get("augment") or {})}
+        views = [simclr_views(info, seed=ctx.seed, view=k, **options) for k in range(2)]
+        ds = RawImages(base)
+    else:
+        t = ctx.transform("simclr", info, sc.get("augment"))
+        ds = MultiView(base, [t, t])
+    log.info("SimCLR on %s/%s: %d images, backbone %s, %d epochs, %s augmentation", dataset, info.pretrain_split,
+             len(ds), ctx.cfg["backbone"], sc["epochs"], backend)
+    fit(SimCLRModule(model, sc, views), make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx,
+        int(sc["epochs"]))
     complete(ctx, lambda: save_model(out, model.state_dict(), contrastive_arch(ctx, dim, head, fdim),
                                      ctx.meta(pretext="simclr")))
 

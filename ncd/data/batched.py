@@ -1,0 +1,302 @@
+"""Batched per-sample augmentation on the training device (``augment.backend: batched``).
+
+The PIL path augments one image at a time in DataLoader workers, its random draws seeded from
+(seed, epoch, index) by :class:`~ncd.methods.common.SeededItems`. The batched path moves all of it
+onto the training device, for the whole batch at once:
+
+* the random parameters of every image come from a counter-based generator: draw ``k`` of view
+  ``v`` of image ``index`` in ``epoch`` is a hash (SplitMix64, :func:`uniform`) of
+  ``(seed, epoch, index, v, k)``, the same chain as :func:`~ncd.methods.common.derive_seed`. So each
+  image's parameters are a function of the seed, the epoch and the sample alone (a resumed run
+  draws what an uninterrupted one draws, in any batch, on any device), and they follow the PIL
+  transform's distributions (the same algorithms: torchvision's ``get_params`` vectorised);
+* :class:`SimCLRViews` then applies them: one ``grid_sample`` for every image's crop, resize and
+  flip, Kornia's colour functions (``kornia.enhance``) with per-image factors, Kornia's grayscale,
+  normalisation.
+
+What Kornia lacks and is written here: its ``ColorJitter`` draws one order of the four colour
+operations per batch, while torchvision draws one per image, so the order is applied slot by slot;
+its parameter generators draw from torch's global generator, not from (seed, epoch, index); and its
+``crop_and_resize`` maps box corners onto the output's corner pixels, while PIL maps pixel edges onto
+pixel edges and clamps to the box, so the crop is one ``grid_sample`` with PIL's conventions. Values
+are rounded to the 8-bit grid after each step, as PIL stores them, so a view agrees with the PIL
+ops applied with the same parameters to within a few grey levels (tests/test_batched_augment.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from ncd.data.registry import DatasetInfo
+from ncd.errors import NcdError
+
+BACKENDS = ("pil", "batched")
+
+# one row of view parameters: crop box (top, left, height, width), flip, jitter applied, the order
+# of the four colour operations, their factors (brightness, contrast, saturation, hue), grayscale
+P_TOP, P_LEFT, P_H, P_W, P_FLIP, P_JITTER = 0, 1, 2, 3, 4, 5
+P_ORDER = slice(6, 10)
+P_FACTORS = slice(10, 14)
+P_GRAY = 14
+NUM_PARAMS = 15
+_NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # the factor of each colour operation that changes nothing
+_CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its fallback
+
+# ------------------------------------------------------------------------------------------------
+# A counter-based generator: SplitMix64 on int64 tensors (torch's integer arithmetic wraps).
+
+_MASK = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _M1, _M2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    return (x >> k) & ((1 << (64 - k)) - 1)  # logical shift: >> on int64 keeps the sign
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def key_hash(seed: int, *keys: torch.Tensor | int) -> torch.Tensor:
+    """SplitMix64 chained over ``(seed, *keys)``, elementwise: ``derive_seed(seed, *keys) << 1`` as
+    a tensor (``derive_seed`` keeps the top 63 bits). Keys broadcast; the result is int64."""
+    ref = next((k for k in keys if isinstance(k, torch.Tensor)), None)
+    dev = ref.device if ref is not None else None
+    h = _mix(torch.tensor(_signed(int(seed) & _MASK), dtype=torch.int64, device=dev))
+    for k in keys:
+        k = k.to(torch.int64) if isinstance(k, torch.Tensor) else torch.tensor(_signed(int(k) & _MASK),
+                                                                                  device=dev)
+        h = _mix(h ^ k)
+    return h
+
+
+def uniform(h: torch.Tensor, draws: int) -> torch.Tensor:
+    """``[..., draws]`` float64 uniforms in [0, 1): draw ``k`` = the top 53 bits of ``mix(h ^ k)``."""
+    k = torch.arange(draws, device=h.device, dtype=torch.int64)
+    return _shr(_mix(h[..., None] ^ k), 11).to(torch.float64) * (2.0 ** -53)
+
+
+class SimCLRViews(torch.nn.Module):
+    """SCAN's ``simclr`` view (RandomResizedCrop → flip → colour jitter with p → grayscale with p →
+    normalise, ``ncd.data.transforms.build_transform``) for a whole uint8 batch on its device.
+
+    ``params(keys, height, width)`` draws each image's parameters (``[B, NUM_PARAMS]``, float64)
+    from ``(seed, epoch, index, view)``; ``apply(images, params)`` applies given rows;
+    ``forward(images, keys)`` does both."""
+
+    # the draws of one view: crop areas and log-ratios of the attempts, the box position, flip,
+    # jitter applied, the order's keys, the four factors, grayscale
+    D_AREA, D_RATIO = 0, _CROP_TRIES
+    D_TOP, D_LEFT, D_FLIP, D_JITTER = 2 * _CROP_TRIES, 2 * _CROP_TRIES + 1, 2 * _CROP_TRIES + 2, 2 * _CROP_TRIES + 3
+    D_ORDER = 2 * _CROP_TRIES + 4
+    D_FACTORS = D_ORDER + 4
+    D_GRAY = D_FACTORS + 4
+    NUM_DRAWS = D_GRAY + 1
+
+    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float], *,
+                 crop_scale: Sequence[float] = (0.2, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 flip_p: float = 0.5, jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
+                 grayscale_p: float = 0.2, seed: int = 0, view: int = 0, quantize: bool = True) -> None:
+        super().__init__()
+        self.size = int(crop_size)
+        self.scale, self.ratio = (float(crop_scale[0]), float(crop_scale[1])), (float(crop_ratio[0]), float(crop_ratio[1]))
+        self.flip_p, self.jitter_p, self.grayscale_p = float(flip_p), float(jitter_p), float(grayscale_p)
+        # ColorJitter's ranges (None = that operation is off), exactly as torchvision derives them
+        cj = T.ColorJitter(*jitter)
+        self.ranges = (cj.brightness, cj.contrast, cj.saturation, cj.hue)
+        self.seed, self.view, self.quantize = int(seed), int(view), bool(quantize)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+
+    # ---------------------------------------------------------------- parameters
+    def params(self, keys: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Each image's parameters from its key row ``(epoch, index)`` (``keys``: ``[B, 2]`` int64)."""
+        u = uniform(key_hash(self.seed, keys[:, 0], keys[:, 1], self.view), self.NUM_DRAWS)
+        b, dev = u.shape[0], u.device
+        p = torch.zeros(b, NUM_PARAMS, dtype=torch.float64, device=dev)
+        # RandomResizedCrop.get_params: the first of 10 attempts whose box fits, else the fallback
+        area = float(height * width)
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, self.D_AREA:self.D_AREA + _CROP_TRIES])
+        aspect = torch.exp(lo + (hi - lo) * u[:, self.D_RATIO:self.D_RATIO + _CROP_TRIES])
+        ws, hs = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+        ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+        first = torch.argmax(ok.to(torch.int8), dim=1)
+        found = ok.any(dim=1)
+        w = torch.gather(ws, 1, first[:, None])[:, 0]
+        h = torch.gather(hs, 1, first[:, None])[:, 0]
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            fw, fh = width, round(width / min(self.ratio))
+        elif in_ratio > max(self.ratio):
+            fw, fh = round(height * max(self.ratio)), height
+        else:
+            fw, fh = width, height
+        w = torch.where(found, w, torch.full_like(w, fw))
+        h = torch.where(found, h, torch.full_like(h, fh))
+        # torch.randint(0, n) of an attempt that fits: floor(u * n); the fallback is centred
+        top = torch.where(found, torch.floor(u[:, self.D_TOP] * (height - h + 1)), torch.floor((height - h) / 2))
+        left = torch.where(found, torch.floor(u[:, self.D_LEFT] * (width - w + 1)), torch.floor((width - w) / 2))
+        p[:, P_TOP], p[:, P_LEFT], p[:, P_H], p[:, P_W] = top, left, h, w
+        p[:, P_FLIP] = (u[:, self.D_FLIP] < self.flip_p).double()
+        # RandomApply applies when not p < u; ColorJitter: a random order, each factor uniform in its range
+        p[:, P_JITTER] = (u[:, self.D_JITTER] <= self.jitter_p).double()
+        p[:, P_ORDER] = torch.argsort(u[:, self.D_ORDER:self.D_ORDER + 4], dim=1).double()
+        for k, (r, n) in enumerate(zip(self.ranges, _NEUTRAL)):
+            f = u[:, self.D_FACTORS + k]
+            p[:, P_FACTORS.start + k] = n if r is None else r[0] + (r[1] - r[0]) * f
+        p[:, P_GRAY] = (u[:, self.D_GRAY] < self.grayscale_p).double()
+        return p
+
+    # ---------------------------------------------------------------- pixels
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 255.0) / 255.0 if self.quantize else x
+
+    def resized_crop(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Every image's box resized to ``S × S`` and flipped where its flip is set, in one ``grid_sample``.
+
+        Bilinear with PIL's conventions: output pixel ``u`` samples the box at ``left + (u + ½)·w/S``
+        (pixel edges onto pixel edges), and samples are clamped to the box's own border pixels, as a
+        crop followed by a resize clamps to the crop (not to the image around it). Shrinking a box
+        is not antialiased here (PIL's is): a difference where boxes are larger than ``S``."""
+        b, _, hh, ww = x.shape
+        p = params.to(device=x.device, dtype=torch.float32)
+        top, left, h, w, flip = p[:, P_TOP, None], p[:, P_LEFT, None], p[:, P_H, None], p[:, P_W, None], p[:, P_FLIP, None]
+        u = torch.arange(self.size, device=x.device, dtype=torch.float32)[None] + 0.5
+        ux = torch.where(flip > 0.5, self.size - u, u)  # a flipped output reads its columns right to left
+        xs = torch.minimum(torch.maximum(left + ux * w / self.size - 0.5, left), left + w - 1)
+        ys = torch.minimum(torch.maximum(top + u * h / self.size - 0.5, top), top + h - 1)
+        gx = ((2 * xs + 1) / ww - 1)[:, None, :].expand(b, self.size, self.size)
+        gy = ((2 * ys + 1) / hh - 1)[:, :, None].expand(b, self.size, self.size)
+        grid = torch.stack([gx, gy], dim=-1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def color(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Colour jitter with each image's own order and factors, without gathering images: in each of
+        the four slots every image passes through all four operations, with the neutral factor (an
+        exact identity) for the three that are not its operation in that slot."""
+        from kornia.enhance import (
+            adjust_brightness_accumulative,
+            adjust_contrast_with_mean_subtraction,
+            adjust_hue,
+            adjust_saturation_with_gray_subtraction,
+        )
+
+        p = params.to(device=x.device)
+        applied = p[:, P_JITTER] > 0.5
+        if not bool(applied.any()):
+            return x
+        order = p[:, P_ORDER].long()
+        factors = p[:, P_FACTORS].to(x.dtype)
+        rgb = x.shape[1] == 3
+        active = [self.ranges[0] is not None, self.ranges[1] is not None,
+                  rgb and self.ranges[2] is not None, rgb and self.ranges[3] is not None]
+        for slot in range(4):
+            op = order[:, slot]
+
+            def factor(k: int) -> torch.Tensor:
+                return torch.where(applied & (op == k), factors[:, k], torch.full_like(factors[:, k], _NEUTRAL[k]))
+
+            if active[0]:
+                x = adjust_brightness_accumulative(x, factor(0))
+            if active[1]:
+                x = adjust_contrast_with_mean_subtraction(x, factor(1))
+            if active[2]:
+                x = adjust_saturation_with_gray_subtraction(x, factor(2))
+            if active[3]:
+                # torchvision's hue factor is a fraction of the circle, Kornia's an angle in radians; PIL
+                # shifts its 8-bit hue channel by int(f * 255) steps (truncated), which quantize mimics.
+                # Hue 0 is not an exact identity (an HSV round trip, the costly step), so only the
+                # images whose operation in this slot is hue go through it: each image once in all.
+                idx = torch.nonzero(applied & (op == 3)).flatten()
+                if idx.numel():
+                    f = factors[idx, 3]
+                    f = torch.trunc(f * 255) / 255 if self.quantize else f
+                    x = x.index_put((idx,), adjust_hue(x[idx], f * (2 * torch.pi)))
+            x = self._q(x)
+        return x
+
+    def grayscale(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """RandomGrayscale: the luma (ITU-R 601-2, as PIL's ``convert("L")``) in all three channels."""
+        if x.shape[1] != 3:
+            return x  # grayscale of a 1-channel image is itself
+        from kornia.color import rgb_to_grayscale
+
+        m = (params[:, P_GRAY].to(x.device) > 0.5).view(-1, 1, 1, 1)
+        return torch.where(m, self._q(rgb_to_grayscale(x)).expand_as(x), x)
+
+    def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, C, H, W]`` and ``[B, NUM_PARAMS]`` → normalised float ``[B, C, S, S]``."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise NcdError(f"batched augmentation takes a uint8 batch [B, C, H, W], got {images.dtype} "
+                           f"{list(images.shape)}")
+        x = images.float().div_(255.0)
+        x = self._q(self.resized_crop(x, params))
+        x = self.color(x, params)
+        x = self.grayscale(x, params)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def forward(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The views of a uint8 batch whose images have the key rows ``(epoch, index)``."""
+        return self.apply(images, self.params(keys, images.shape[-2], images.shape[-1]))
+
+
+class RawImages(Dataset):
+    """``({"image": uint8 [C, H, W], "key": [epoch, index]}, target, index)``: the decoded image as a
+    tensor and its key, for :func:`apply_views` on the device. ``keyed_item`` is what
+    :class:`~ncd.methods.common.SeededItems` calls, so the key is the epoch the sampler drew."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def keyed_item(self, epoch: int, i: int):
+        img, target = self.base[i]
+        return {"image": TF.pil_to_tensor(img), "key": torch.tensor([epoch, i], dtype=torch.int64)}, target, i
+
+    def __getitem__(self, i: int):
+        return self.keyed_item(0, i)
+
+
+def apply_views(views: Sequence[SimCLRViews], item: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A collated :class:`RawImages` batch → ``[B, V, C, S, S]`` (view ``v`` drawn by ``views[v]``)."""
+    images, keys = item["image"], item["key"]
+    if images.dtype != torch.uint8:
+        raise NcdError(f"batched augmentation takes uint8 images, got {images.dtype}")
+    return torch.stack([v(images, keys) for v in views], dim=1)
+
+
+def simclr_views(info: DatasetInfo, seed: int = 0, view: int = 0, **overrides: Any) -> SimCLRViews:
+    """The batched counterpart of ``build_transform("simclr", info, **overrides)`` (same defaults),
+    drawing from ``(seed, epoch, index, view)``."""
+    from ncd.data.transforms import _DEFAULTS
+    from ncd.ops.checks import check_options
+
+    check_options(overrides, _DEFAULTS["simclr"], "transform 'simclr'")
+    o = {**_DEFAULTS["simclr"], **overrides}
+    if o["resize"]:
+        raise NcdError(f"augment.backend 'batched' does not resize first (resize: {o['resize']}); "
+                       "expected resize: 0, or backend: pil")
+    return SimCLRViews(o["crop_size"] or info.crop_size, info.mean, info.std, crop_scale=o["crop_scale"],
+                       flip_p=o["flip_p"], jitter=o["jitter"], jitter_p=o["jitter_p"],
+                       grayscale_p=o["grayscale_p"], seed=seed, view=view)
