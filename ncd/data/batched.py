@@ -37,7 +37,9 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from ncd.data.registry import DatasetInfo
+from ncd.data.transforms import _DEFAULTS
 from ncd.errors import NcdError
+from ncd.ops.checks import check_options
 
 BACKENDS = ("pil", "batched")
 
@@ -289,9 +291,6 @@ def apply_views(views: Sequence[SimCLRViews], item: dict[str, torch.Tensor]) -> 
 def simclr_views(info: DatasetInfo, seed: int = 0, view: int = 0, **overrides: Any) -> SimCLRViews:
     """The batched counterpart of ``build_transform("simclr", info, **overrides)`` (same defaults),
     drawing from ``(seed, epoch, index, view)``."""
-    from ncd.data.transforms import _DEFAULTS
-    from ncd.ops.checks import check_options
-
     check_options(overrides, _DEFAULTS["simclr"], "transform 'simclr'")
     o = {**_DEFAULTS["simclr"], **overrides}
     if o["resize"]:
