@@ -41,8 +41,6 @@ from ncd.data.transforms import _DEFAULTS
 from ncd.errors import NcdError
 from ncd.ops.checks import check_options
 
-BACKENDS = ("pil", "batched")
-
 # one row of view parameters: crop box (top, left, height, width), flip, jitter applied, the order
 # of the four colour operations, their factors (brightness, contrast, saturation, hue), grayscale
 P_TOP, P_LEFT, P_H, P_W, P_FLIP, P_JITTER = 0, 1, 2, 3, 4, 5
