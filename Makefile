@@ -48,7 +48,7 @@ dryrun-paper: $(STAMP)
 # where Apptainer is not installed; it refuses to run anything)
 dryrun-slurm: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH$$(command -v apptainer >/dev/null || echo ':$(CURDIR)/containers/dryrun-bin')" \
-		$(SNAKEMAKE) -n --profile workflow/profiles/slurm --configfile workflow/experiments/paper.yaml
+		$(SNAKEMAKE) -n --profile slurm --configfile workflow/experiments/paper.yaml
 
 # the Apptainer image of the GPU steps (where Apptainer is installed, e.g. a cluster's build node)
 container: containers/ncd.sif

@@ -71,6 +71,8 @@ def test_recipe_pins_equal_pyproject():
 
 
 def test_profile_settings():
+    # one copy of the profile: ./slurm, which `--profile slurm` finds in the working directory, links to it
+    assert (ROOT / "slurm").is_symlink() and (ROOT / "slurm").resolve() == (ROOT / "workflow/profiles/slurm").resolve()
     prof = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
     assert prof["executor"] == "slurm"
     assert prof["software-deployment-method"] == "apptainer"
@@ -81,7 +83,8 @@ def test_profile_settings():
 def _dry_jobs(*extra: str) -> list[dict[str, str]]:
     """Rule and resources of every job of the paper DAG under the slurm profile."""
     env_path = f"{BIN}{os.pathsep}{os.environ['PATH']}{os.pathsep}{ROOT / 'containers/dryrun-bin'}"
-    r = snakemake("-n", "--profile", "workflow/profiles/slurm", "--configfile", "workflow/experiments/paper.yaml",
+    # the profile by name, as a cluster user types it: Snakemake finds ./slurm, the link to workflow/profiles/slurm
+    r = snakemake("-n", "--profile", "slurm", "--configfile", "workflow/experiments/paper.yaml",
                   *extra, env_path=env_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = r.stdout + r.stderr
