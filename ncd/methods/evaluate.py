@@ -14,6 +14,7 @@ from typing import Any
 from ncd.checkpoint import load_model
 from ncd.errors import NcdError
 from ncd.methods.common import RunContext, inference_device
+from ncd.models.backbones import build_backbone
 from ncd.stages import STAGES, load
 from ncd.utils import (
     device_description,
@@ -23,6 +24,17 @@ from ncd.utils import (
 )
 
 log = logging.getLogger("ncd")
+
+
+def backbone_summary(arch: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The backbone an artifact was trained with: its name and parameter count (for the report's
+    table across methods); None when the artifact has no network (k-means on the pixels)."""
+    if not arch or arch.get("backbone") in (None, "", "pixels"):
+        return None
+    net, dim = build_backbone(str(arch["backbone"]), int(arch.get("in_channels", 3)),
+                              **(arch.get("backbone_kwargs") or {}))
+    return {"name": str(arch["backbone"]), "kwargs": arch.get("backbone_kwargs") or {},
+            "params": int(sum(p.numel() for p in net.parameters())), "feature_dim": int(dim)}
 
 
 def evaluate(ctx: RunContext, ckpt: Path, out: Path) -> list[dict[str, Any]]:
@@ -49,6 +61,7 @@ def evaluate(ctx: RunContext, ckpt: Path, out: Path) -> list[dict[str, Any]]:
             "config_hash": meta.get("config_hash"), "git_commit": git_commit(), "packages": package_versions(),
             "device": device_description(), "wall_time_s": meta.get("wall_time_s"),
             "eval_time_s": time.time() - t0,
+            "backbone": backbone_summary(blob.get("arch")),
         },
         "meta": meta,
     }

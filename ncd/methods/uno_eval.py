@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -22,6 +23,7 @@ from ncd.data.uno import (
 )
 from ncd.errors import NcdError
 from ncd.eval.clustering import cluster_acc, hungarian_evaluate
+from ncd.eval.knn import weighted_knn
 from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.methods.common import RunContext, make_loader, restore
 
@@ -68,21 +70,27 @@ class Relabeled(Dataset):
 
 
 @torch.no_grad()
-def _outputs(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Labeled logits ``[N, C_l]``, every head's novel logits ``[H, N, C_u]`` and the targets."""
-    lab, unlab, ys = [], [], []
+def _outputs(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labeled logits ``[N, C_l]``, every head's novel logits ``[H, N, C_u]``, the targets and the
+    L2-normalised backbone features ``[N, D]``."""
+    lab, unlab, ys, feats = [], [], [], []
     for x, y, _ in tqdm(loader, desc="predict", leave=False, mininterval=2.0):
         o = model(x.to(device, non_blocking=True))
         lab.append(o["logits_lab"].float().cpu())
         unlab.append(o["logits_unlab"].float().cpu())
+        feats.append(F.normalize(o["feats"].float(), dim=1).cpu())
         ys.append(torch.as_tensor(y))
-    return torch.cat(lab), torch.cat(unlab, dim=1), torch.cat(ys)
+    return torch.cat(lab), torch.cat(unlab, dim=1), torch.cat(ys), torch.cat(feats)
 
 
 def evaluate_uno(ctx: RunContext, blob: dict, device: torch.device) -> tuple[list[Row], dict]:
     """UNO's three protocols (METHODS 3.6): task-aware and task-agnostic clustering accuracy on the
     novel classes of the train and test splits (per head, ``avg`` and ``best``), and accuracy on
-    the known test classes."""
+    the known test classes. Besides them, for the report's table across methods, the protocol every
+    method shares on the whole test split: Hungarian ``acc`` (K = number of classes), ``nmi`` and
+    ``ari`` of the task-agnostic prediction (argmax over known ‖ novel logits of the best head), and
+    ``knn_top1``, the weighted kNN (``evaluate.knn_k``, ``knn_sigma``) of the backbone features
+    with the whole train split as the bank."""
     info = get_info(ctx.cfg["dataset"], ctx.data_root)
     model = restore(blob, device)
     known, novel = resolve_split(ctx.cfg, ctx.data_root)
@@ -93,7 +101,7 @@ def evaluate_uno(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
     for name, split, classes in (("train-novel", info.train_split, "novel"), ("test-novel", info.test_split, "novel"),
                                  ("test-known", info.test_split, "known")):
         ds = Relabeled(build_dataset(ctx.cfg["dataset"], ctx.data_root, split), known, novel, [t], classes=classes)
-        lab, unlab, y = _outputs(model, make_loader(ds, bs, ctx, train=False), device)
+        lab, unlab, y, _ = _outputs(model, make_loader(ds, bs, ctx, train=False), device)
         if classes == "known":
             agnostic = torch.cat([lab, unlab[best]], dim=1).argmax(1)
             rows += [(name, "best", "acc", float((lab.argmax(1) == y).float().mean())),
@@ -110,7 +118,27 @@ def evaluate_uno(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
                 res = hungarian_evaluate(torch.from_numpy(aware), torch.from_numpy(target), return_reordered=True)
                 confusion = confusion_of(res, best)
         rows += head_rows(name, results, ("acc", "acc_agnostic", "nmi", "ari"), best, avg=True)
-    return rows, confusion
+    return rows + _whole_test_split(ctx, model, info, known, novel, best, device), confusion
+
+
+def _whole_test_split(ctx: RunContext, model, info, known: list[int], novel: list[int], best: int,
+                      device: torch.device) -> list[Row]:
+    """The shared protocol of the table across methods on every class of the test split."""
+    t, bs, ev = build_uno_transform("eval", info), int(ctx.cfg["evaluate"]["batch_size"]), ctx.cfg["evaluate"]
+    out = {}
+    for split in (info.train_split, info.test_split):
+        ds = Relabeled(build_dataset(ctx.cfg["dataset"], ctx.data_root, split), known, novel, [t], classes="all")
+        out[split] = _outputs(model, make_loader(ds, bs, ctx, train=False), device)
+    lab, unlab, y, feats = out[info.test_split]
+    pred = torch.cat([lab, unlab[best]], dim=1).argmax(1).numpy()
+    target = y.numpy()
+    bank, bank_y = out[info.train_split][3], out[info.train_split][2]
+    knn = weighted_knn(bank.to(device), bank_y.to(device), feats.to(device), y.to(device), len(known) + len(novel),
+                       k=min(int(ev["knn_k"]), len(bank)), sigma=float(ev["knn_sigma"]))
+    return [("test", "best", "acc", cluster_acc(target, pred)),
+            ("test", "best", "nmi", float(normalized_mutual_info_score(target, pred))),
+            ("test", "best", "ari", float(adjusted_rand_score(target, pred))),
+            ("test", "best", "knn_top1", float(knn["top1"]))]
 
 
 __all__ = ["Relabeled", "evaluate_uno", "resolve_split"]

@@ -288,3 +288,17 @@ def test_training_order_and_augmentation_are_functions_of_seed_epoch_and_index(t
     assert nxt == run(0, 1)[0]
     with pytest.raises(NcdError, match="batches per epoch"):
         run(0, 0, state={"epoch": 0, "batches": 1, "length": 7})
+
+
+def test_backbone_summary_counts_the_backbones_parameters():
+    """metrics.json names the backbone and its parameter count (the report's table across methods)."""
+    from ncd.methods.evaluate import backbone_summary
+    from ncd.models.backbones import build_backbone
+
+    arch = {"backbone": "small_cnn", "in_channels": 1, "backbone_kwargs": {"width": 8, "pool": 2}}
+    net, dim = build_backbone("small_cnn", 1, width=8, pool=2)
+    got = backbone_summary(arch)
+    assert got == {"name": "small_cnn", "kwargs": {"width": 8, "pool": 2},
+                   "params": sum(p.numel() for p in net.parameters()), "feature_dim": dim}
+    assert backbone_summary({"backbone": "resnet18_cifar", "in_channels": 3})["params"] == 11_168_832
+    assert backbone_summary({"kind": "kmeans", "backbone": "pixels"}) is None and backbone_summary(None) is None
