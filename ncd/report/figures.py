@@ -128,6 +128,7 @@ def write_figures(out_dir: Path, figures: dict[str, bytes]) -> None:
     """Write ``figures`` under ``out_dir`` (each atomically) and remove this module's figures that are
     no longer made (those of experiments that are gone would otherwise linger beside the new report)."""
     out_dir = Path(out_dir)
+    (out_dir / FIGURES).mkdir(parents=True, exist_ok=True)  # the workflow declares the folder, even empty
     for rel, png in figures.items():
         with atomic_path(out_dir / rel) as tmp:
             tmp.write_bytes(png)

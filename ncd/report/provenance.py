@@ -62,7 +62,8 @@ def read_runs(results_dir: Path) -> list[dict[str, Any]]:
 
 
 def read_benchmarks(benchmarks_dir: Path) -> list[dict[str, Any]]:
-    """Snakemake benchmark TSVs ``{rule}/{name}.tsv`` → rule, name, seconds (mean over repeats)."""
+    """Snakemake benchmark TSVs ``{rule}/{name}.tsv`` → rule, name, seconds and cpu_seconds (the
+    ``cpu_time`` column, NaN where absent), each the mean over repeats."""
     out: list[dict[str, Any]] = []
     benchmarks_dir = Path(benchmarks_dir)
     if not benchmarks_dir.is_dir():
@@ -70,12 +71,15 @@ def read_benchmarks(benchmarks_dir: Path) -> list[dict[str, Any]]:
     for p in sorted(benchmarks_dir.rglob("*.tsv")):
         rel = p.relative_to(benchmarks_dir)
         try:
-            s = pd.read_csv(p, sep="\t")["s"].astype(float)
+            df = pd.read_csv(p, sep="\t")
+            s = df["s"].astype(float)
+            cpu = pd.to_numeric(df["cpu_time"], errors="coerce") if "cpu_time" in df else None
         except (KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             raise NcdError(f"{p}: not a Snakemake benchmark file (need a column 's'): {e}") from e
         rule = rel.parts[0] if len(rel.parts) > 1 else "(none)"
         name = str(Path(*rel.parts[1:]).with_suffix("")) if len(rel.parts) > 1 else rel.stem
-        out.append({"rule": rule, "name": name, "seconds": float(s.mean()) if len(s) else math.nan})
+        out.append({"rule": rule, "name": name, "seconds": float(s.mean()) if len(s) else math.nan,
+                    "cpu_seconds": float(cpu.mean()) if cpu is not None and len(cpu) else math.nan})
     return out
 
 

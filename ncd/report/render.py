@@ -9,24 +9,21 @@ reported numbers, protocols, per-paper tables), :mod:`ncd.report.figures` and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from ncd.report.compare import cross_method
 from ncd.report.figures import build_figures, confusion_figure, loss_columns, loss_figure, write_figures
 from ncd.report.provenance import find_runs, provenance as provenance_block, read_benchmarks, read_runs
-from ncd.report.tables import (load_metrics, load_protocols, load_reported, match_reported, pair_cld_baselines,
-                               paper_sections, papers, summarise)
+from ncd.report.shaped import AGREEMENT_RULE, pair_cld_baselines, paper_tables
+from ncd.report.tables import load_metrics, load_protocols, load_reported, match_reported, papers, summarise
 from ncd.utils import write_text_atomic
 
 _TEMPLATES = Path(__file__).with_name("templates")
 PROTOCOLS_FILE = "protocols.yaml"  # the default protocols, next to reported.yaml
-
-# the names these had when everything lived in this module
-_paper_sections = paper_sections
-_pair_cld_baselines = pair_cld_baselines
-
 
 def _md_cell(v: Any) -> str:
     """Make a value safe inside a GitHub Markdown table cell."""
@@ -63,16 +60,18 @@ def build_report(metrics_csv: Path, reported_yaml: Path, results_dir: Path, benc
     out_dir = Path(out_dir)
     metrics = load_metrics(metrics_csv)
     reported = load_reported(reported_yaml)
-    sections, notes = paper_sections(summarise(metrics, experiments), reported,
-                                     _protocols(protocols, reported_yaml, reported))
-    pair_cld_baselines(sections, experiments or {})
-
+    summary = summarise(metrics, experiments)
+    sections, scorecard, notes = paper_tables(summary, reported, _protocols(protocols, reported_yaml, reported),
+                                              experiments=experiments)
     runs = read_runs(results_dir)
+    benchmarks = read_benchmarks(benchmarks_dir)
     figures, fig_groups = build_figures(runs)  # relative path → PNG, written only once all are made
     context = {
-        "sections": sections, "notes": notes, "figures": fig_groups,
-        "provenance": provenance_block(runs, read_benchmarks(benchmarks_dir), provenance),
+        "sections": sections, "scorecard": scorecard, "agreement_rule": AGREEMENT_RULE, "notes": notes,
+        "compare": cross_method(summary, experiments, runs, benchmarks), "figures": fig_groups,
+        "provenance": provenance_block(runs, benchmarks, provenance),
         "n_rows": len(metrics), "metrics_csv": str(metrics_csv), "reported_yaml": str(reported_yaml),
+        "metrics_href": Path(os.path.relpath(Path(metrics_csv).resolve(), out_dir.resolve())).as_posix(),
     }
     markdown = _env(False).get_template("README.md.j2").render(**context)
     html = _env(True).get_template("index.html.j2").render(**context)
@@ -84,6 +83,6 @@ def build_report(metrics_csv: Path, reported_yaml: Path, results_dir: Path, benc
     return index
 
 
-__all__ = ["PROTOCOLS_FILE", "build_report", "confusion_figure", "find_runs", "load_metrics", "load_protocols",
-           "load_reported", "loss_columns", "loss_figure", "match_reported", "pair_cld_baselines", "paper_sections",
-           "read_benchmarks", "read_runs", "summarise"]
+__all__ = ["PROTOCOLS_FILE", "build_report", "confusion_figure", "cross_method", "find_runs", "load_metrics",
+           "load_protocols", "load_reported", "loss_columns", "loss_figure", "match_reported", "pair_cld_baselines",
+           "paper_tables", "read_benchmarks", "read_runs", "summarise"]

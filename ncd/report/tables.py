@@ -7,7 +7,7 @@ sorts after, alphabetically.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,61 +230,3 @@ class _Notes:
 
     def listed(self) -> list[dict]:
         return [{"n": n, "text": s} for s, n in self.numbers.items()]
-
-
-def paper_sections(rows: list[dict], reported: list[dict],
-                   protocols: Mapping[str, str] | None = None) -> tuple[list[dict], list[dict]]:
-    """Per-paper tables (reproduced beside reported, then reported-only) and the source notes.
-
-    ``rows`` come from :func:`summarise`; ``protocols`` (paper → text, see :func:`load_protocols`)
-    gives the line printed above each paper's table.
-    """
-    notes = _Notes()
-    used: set[int] = set()
-    by_paper: dict[str, dict] = {}
-
-    def section(paper: str) -> dict:
-        return by_paper.setdefault(paper, {"paper": paper, "rows": [], "reported_only": []})
-
-    for row in rows:
-        rep = match_reported(reported, row["method"], row["dataset"], row["stage"], row["split"],
-                             row["metric"], row["variant"], row["head"])
-        std = "–" if row["std"] is None else _pct(row["std"])
-        out = {**row, "variant": row["variant"] or "–",
-               "reproduced": f"{_pct(row['mean'])} ± {std} (n = {row['n']})",
-               "reported": notes.cell(rep) if rep else None,
-               "delta": _signed(row["mean"] - rep["value"]) if rep else "–"}
-        if rep:
-            used.add(id(rep))
-        section(paper_of(row["method"]))["rows"].append(out)
-    for r in reported:
-        if id(r) not in used:
-            section(r["paper"])["reported_only"].append({**r, "variant": r["variant"] or "–",
-                                                         "reported": notes.cell(r)})
-    sections = sorted(by_paper.values(), key=lambda s: paper_rank(s["paper"]))
-    for s in sections:
-        s["protocol"] = (protocols or {}).get(s["paper"], "")
-    return sections, notes.listed()
-
-
-def pair_cld_baselines(sections: list[dict], experiments: dict[str, dict]) -> None:
-    """CLD's table: per dataset, instance branch, split and metric, the CLD row (λ > 0), then the
-    original baseline (the base method's own recipe: ``cld.views`` one query view, λ = 0: NPID's
-    ``cifar.py``, MoCo v2's ``main_moco.py``), then the λ = 0 ablation of the CLD pipeline; so it
-    reads CLD, baseline, ablation for each metric (a best-over-epochs metric right after its final one)."""
-    cld_views = {"npid": 2}  # CLD's views per instance branch (3 for the branches with a key encoder)
-
-    def role(cld: dict) -> int:
-        if float(cld.get("lambda", 1.0)) != 0.0:
-            return 0
-        views = cld.get("views")
-        return 1 if views is not None and int(views) < cld_views.get(str(cld.get("instance", "npid")), 3) else 2
-
-    def key(row: dict) -> tuple:
-        cld = (experiments.get(row["experiment"]) or {}).get("cld") or {}
-        return (row["dataset"], str(cld.get("instance", "")), split_rank(row["split"]),
-                metric_rank(row["metric"]), role(cld), row["experiment"])
-
-    for s in sections:
-        if s["paper"] == paper_of("cld"):
-            s["rows"].sort(key=key)

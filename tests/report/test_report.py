@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from ncd.errors import NcdError
-from ncd.report import build_report, figures, load_protocols, load_reported, match_reported
+from ncd.report import build_report, figures, load_metrics, load_protocols, load_reported, match_reported, summarise
+from ncd.report.compare import cross_method
+from ncd.report.shaped import agrees, paper_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORTED_YAML = ROOT / "reports" / "reported.yaml"
@@ -94,82 +96,132 @@ def _md_row(md: str, *cells: str, after: str = "") -> list[str]:
     raise AssertionError(f"no row {cells} in\n{md}")
 
 
-def test_tables_numbers(tree):
-    index = _build(tree)
-    md = (tree["out"] / "README.md").read_text()
-    assert index == tree["out"] / "index.html"
-    # columns: experiment variant dataset stage split metric head reported reproduced delta
+def _tables(tree: dict, experiments: dict | None = None) -> tuple[dict, list[dict]]:
+    """The paper-shaped sections (by paper) and the scorecard of the fixture's metrics."""
+    exps = experiments if experiments is not None else {"scan_c10": {"dataset": "cifar10"},
+                                                        "uno_c100": {"dataset": "cifar100", "variant": "80/20 v2"}}
+    rows = summarise(load_metrics(tree["metrics"]), exps)
+    sections, card, _ = paper_tables(rows, load_reported(REPORTED_YAML), experiments=exps)
+    return {s["paper"]: s for s in sections}, card
+
+
+def _cell(section: dict, row: dict, split: str, metric: str, stage: str = "") -> dict:
+    col = [c["key"] for c in section["columns"]].index((stage, split, metric))
+    return row["cells"][col]
+
+
+def _row(section: dict, **kw) -> dict:
+    hits = [r for r in section["rows"] if all(r.get(k) == v for k, v in kw.items())]
+    assert len(hits) == 1, (kw, [(r["kind"], r["setting"], r["stage"]) for r in section["rows"]])
+    return hits[0]
+
+
+def test_paper_shaped_tables(tree):
+    papers, _ = _tables(tree)
+    scan = papers["SCAN"]
+    # SCAN's own columns first, in its order: ACC, NMI, ARI of the test split
+    assert [c["label"] for c in scan["columns"]][:3] == ["ACC", "NMI", "ARI"]
+    assert {c["split"] for c in scan["columns"][:3]} == {"test"} and scan["groups"][0]["label"] == "test split"
     for stage, rep in (("scan", 0.816), ("selflabel", 0.883)):
         mean, std = _stats(SCAN_ACC[stage])
-        row = _md_row(md, "scan_c10", "–", "cifar10", stage, "test", "acc")
-        assert row[6] == "best"
-        assert row[7].startswith(f"{100 * rep:.1f} [^")
-        assert row[8] == f"{100 * mean:.1f} ± {100 * std:.1f} (n = 3)"
-        assert row[9] == f"{100 * (mean - rep):+.1f}"
-    mean, std = _stats(SCAN_NMI["selflabel"])
-    row = _md_row(md, "scan_c10", "–", "cifar10", "selflabel", "test", "nmi")
-    assert row[7].startswith("79.7 ") and row[9] == f"{100 * (mean - 0.797):+.1f}"
-    # The variant picks "80/20 v2" (90.6), not "80/20 paper" (85.0).
-    mean, std = _stats(UNO_ACC)
-    row = _md_row(md, "uno_c100", "80/20 v2", "cifar100", "discover", "train-novel", "acc")
-    assert row[7].startswith("90.6 ") and row[9] == f"{100 * (mean - 0.906):+.1f}"
-    assert row[8] == f"{100 * mean:.1f} ± {100 * std:.1f} (n = 3)"
-    # Nothing reported for test-known: "–" for both the reported value and Δ.
-    row = _md_row(md, "uno_c100", "80/20 v2", "cifar100", "discover", "test-known", "acc")
-    assert row[7] == "–" and row[9] == "–"
-    # Single seed, only head "0": fallback head and "± –".
-    row = _md_row(md, "scan_c10", "–", "cifar10", "kmeans", "test", "acc")
-    assert row[6] == "0" and row[8] == "22.6 ± – (n = 1)" and row[7] == "–"
+        cell = _cell(scan, _row(scan, experiment="scan_c10", stage=stage), "test", "acc")
+        assert cell["text"] == f"{100 * mean:.1f} ± {100 * std:.1f}" and cell["n"] == 3
+        assert cell["reported"]["text"] == f"{100 * rep:.1f}"
+        assert cell["delta"] == f"{100 * (mean - rep):+.1f}".replace("-", "−")
+        assert cell["status"] == ("agree" if abs(mean - rep) <= max(0.01, 2 * std) else "disagree")
+    # scan stage: mean 79.7 ± 2.5 against 81.6: |Δ| = 1.9 ≤ 2 × 2.5 → agrees; selflabel NMI 79.0 ± 1.0
+    # against 79.7 → agrees; selflabel ACC 88.0 ± 1.0 against 88.3 → agrees
+    assert _cell(scan, _row(scan, experiment="scan_c10", stage="scan"), "test", "acc")["status"] == "agree"
+    # a column the reproduction lacks still shows the paper's number in the same row (ARI, not reproduced)
+    ari = _cell(scan, _row(scan, experiment="scan_c10", stage="selflabel"), "test", "ari")
+    assert ari["text"] is None and ari["reported"]["text"] == "77.2" and ari["status"] == "missing"
+    # The variant picks "80/20 v2" (90.6), not "80/20 paper" (85.0); nothing reported for test-known.
+    uno = papers["UNO"]
+    row = _row(uno, experiment="uno_c100")
+    mean, _ = _stats(UNO_ACC)
+    cell = _cell(uno, row, "train-novel", "acc")
+    assert cell["reported"]["text"] == "90.6" and cell["delta"] == f"{100 * (mean - 0.906):+.1f}".replace("-", "−")
+    assert row["setting"] == "uno_c100 (80/20 v2)"
+    known = _cell(uno, row, "test-known", "acc")
+    assert known["reported"] is None and known["status"] == "new" and known["text"].startswith("94.0 ± 1.0")
+    # Single seed, only head "0": that head, and "± –".
+    km = _cell(papers["Baselines"], _row(papers["Baselines"], experiment="scan_c10"), "test", "acc")
+    assert km["text"] == "22.6 ± –" and km["n"] == 1
+    # Reported-only settings are greyed rows of the same table, competitors included.
+    paper_80 = _row(uno, kind="reported", dataset="cifar100", setting="80/20 paper")
+    assert _cell(uno, paper_80, "train-novel", "acc")["reported"]["text"] == "85.0"
+    assert _cell(uno, _row(uno, kind="reported", setting="rs+ (80/20)"), "train-novel", "acc")["reported"]["text"] == "75.2"
+    assert _cell(papers["CLD"], _row(papers["CLD"], kind="reported", dataset="cifar100", setting="MoCo+CLD"),
+                 "test", "knn_top1", stage="cld")["reported"]["text"] == "58.1"
+    ts = papers["Two-stage"]
+    assert _cell(ts, _row(ts, kind="reported", dataset="cifar10", setting="from scratch, 6 runs"),
+                 "train", "acc")["reported"]["text"] == "78.8 ± 3.2"
+    # reproduced rows come first; the canonical SCAN cifar10 selflabel entry is no longer reported-only,
+    # the 10-run mean still is
+    kinds = [r["kind"] for r in scan["rows"]]
+    assert kinds[:2] == ["reproduced", "reproduced"] and "reproduced" not in kinds[2:]
+    assert not [r for r in scan["rows"] if r["kind"] == "reported" and r["dataset"] == "cifar10"
+                and r["stage"] == "selflabel" and r["setting"] == "–"]
+    _row(scan, kind="reported", dataset="cifar10", stage="selflabel", setting="mean of 10 runs")
     # The non-best head's 0.1 never leaks into a mean.
-    assert "10.0 ±" not in md
-    # Reported-only tables keep the rest of each paper's table visible, competitors included.
-    assert _md_row(md, "uno", "cifar100", "discover", "train-novel", "acc", "best", "80/20 paper")[7].startswith("85.0")
-    assert _md_row(md, "rs+", "cifar100", "discover", "train-novel", "acc", "best", "80/20")[7].startswith("75.2")
-    assert _md_row(md, "cld", "cifar100", "cld", "test", "knn_top1", "best", "MoCo+CLD")[7].startswith("58.1")
-    assert _md_row(md, "twostage", "cifar10", "twostage", "train", "acc", "best", "from scratch, 6 runs")[7].startswith("78.8 ± 3.2")
-    # Reproduced SCAN cifar10 selflabel acc is no longer "reported only"; the 10-run mean still is.
-    assert not any(l.startswith("| scan | cifar10 | selflabel | test | acc | best | – |") for l in md.splitlines())
-    _md_row(md, "scan", "cifar10", "selflabel", "test", "acc", "best", "mean of 10 runs")
-    # Footnotes resolve to sources.
+    assert not any(c["text"] and c["text"].startswith("10.0") for r in scan["rows"] for c in r["cells"])
+
+
+def test_papers_in_order_with_sources(tree):
+    _build(tree)
+    md = (tree["out"] / "README.md").read_text()
     assert re.search(r"^\[\^\d+\]: SCAN: official repository model-zoo table$", md, re.M)
     assert re.search(r"^\[\^\d+\]: UNO: official repository README$", md, re.M)
-    for paper in ("Baselines", "SCAN", "UNO", "SeLa", "CLD", "Two-stage"):
-        assert f"## {paper}\n" in md
+    heads = [md.index(f"### {paper}\n") for paper in ("Baselines", "SCAN", "UNO", "SeLa", "CLD", "Two-stage")]
+    assert heads == sorted(heads)
+    # the Markdown row of a reproduced cell: mean ± std (n), the paper's value with its footnote, Δ and ✓/✗
+    mean, std = _stats(SCAN_ACC["selflabel"])
+    row = _md_row(md, '<a id="paper-scan-r2"></a>cifar10', "scan_c10", "selflabel")
+    assert re.fullmatch(rf"{100 * mean:.1f} ± {100 * std:.1f} \(n = 3\); paper 88\.3 \[\^\d+\], Δ [−+]0\.3 ✓", row[3])
+    assert row[5].startswith("paper 77.2 [^")  # ARI: reported, not reproduced
 
 
-def test_variant_respected(tree):
-    # Another variant ("50/50 v2") must not pick up the 80/20 number; with no variant UNO has none.
-    for variant, expect in (("50/50 v2", "60.8"), (None, "–")):
-        exps = {"uno_c100": {"variant": variant}}
-        _build(tree, experiments=exps)
-        md = (tree["out"] / "README.md").read_text()
-        row = _md_row(md, "uno_c100", variant or "–", "cifar100", "discover", "train-novel", "acc")
-        assert row[7].split(" ")[0] == expect
-        assert "90.6" not in row[7]
+@pytest.mark.parametrize("delta, rep_std, repro_std, ok", [
+    (0.009, None, None, True), (0.011, None, None, False),          # 1 point without stds
+    (-0.011, None, 0.006, True), (0.013, None, 0.006, False),       # 2 × the reproduced std
+    (0.004, 0.005, None, True), (0.006, 0.005, 0.002, False),       # the paper's std replaces the 1 point
+    (0.006, 0.005, 0.004, True),
+])
+def test_agreement_rule(delta, rep_std, repro_std, ok):
+    assert agrees(delta, rep_std, repro_std) is ok
 
 
-def test_match_reported_rules():
+def test_scorecard_counts_and_links(tree):
+    papers, card = _tables(tree)
+    card = {c["paper"]: c for c in card}
     rep = load_reported(REPORTED_YAML)
-    key = ("uno", "cifar100", "discover", "train-novel", "acc")
-    assert match_reported(rep, *key, "80/20 v2")["value"] == 0.906
-    assert match_reported(rep, *key, "80/20 paper")["value"] == 0.850
-    assert match_reported(rep, *key, "v3") is None
-    assert match_reported(rep, *key, None) is None
-    # An experiment's variant falls back to the canonical entry of a key with no such variant.
-    assert match_reported(rep, "twostage", "cifar10", "superand", "test", "knn_top1", "lowest-loss head")["value"] == 0.892
-    assert match_reported(rep, "twostage", "cifar10", "twostage", "train", "acc", "lowest-loss head")["value"] == 0.810
-    # avg-head entries only match averaged heads.
-    assert match_reported(rep, "twostage", "cifar10", "twostage", "train", "acc", "average of 5 heads") is None
-    assert match_reported(rep, "twostage", "cifar10", "twostage", "train", "acc", "average of 5 heads", "avg")["value"] == 0.718
+    for paper in ("SCAN", "UNO", "SeLa", "CLD", "Two-stage"):
+        own = [e for e in rep if e["paper"] == paper and e["method"] not in ("rs+", "jia et al.", "ncl")]
+        assert card[paper]["reported"] == len(own), paper
+    # SCAN cifar10: scan and selflabel ACC and NMI are reproduced; UNO: the 80/20 v2 number
+    assert (card["SCAN"]["reproduced"], card["UNO"]["reproduced"], card["SeLa"]["reproduced"]) == (4, 1, 0)
+    # UNO 91.0 ± 1.0 against 90.6 agrees; SCAN's scan NMI 71.3 ± 1.5 against 71.5 agrees, all four do
+    assert card["UNO"]["agree"] == 1 and card["SCAN"]["agree"] == 4
+    # a disagreement: selflabel ACC far from the paper
+    tree["metrics"].write_text(tree["metrics"].read_text().replace(",best,acc,0.87", ",best,acc,0.80")
+                               .replace(",best,acc,0.89", ",best,acc,0.81").replace(",best,acc,0.88", ",best,acc,0.805"))
+    papers, card = _tables(tree)
+    scan = {c["paper"]: c for c in card}["SCAN"]
+    assert scan["agree"] == 3 and len(scan["disagreements"]) == 1
+    d = scan["disagreements"][0]
+    row = next(r for r in papers["SCAN"]["rows"] if f"#{r['id']}" == d["href"])
+    assert row["stage"] == "selflabel" and "against 88.3" in d["text"]
+    html = _build(tree).read_text()
+    assert f'<tr id="{row["id"]}" class="reproduced">' in html and f'href="{d["href"]}"' in html
+    assert html.index('id="scorecard"') < html.index('<table class="paper">')
 
 
 def test_selected_on_test_rows_take_the_papers_number():
     """AUDIT A8: a best-over-epochs value (chosen on the test split) is matched to the paper's number of
-    its plain metric, and sorts right after the final model's value."""
+    its plain metric, and its column comes right after the final model's."""
     import pandas as pd
 
     from ncd.eval.rows import base_metric, selected_on_test
-    from ncd.report.tables import paper_sections, summarise
 
     rep = load_reported(REPORTED_YAML)
     name = selected_on_test("knn_top1")
@@ -179,21 +231,69 @@ def test_selected_on_test_rows_take_the_papers_number():
     metrics = pd.DataFrame([
         {"experiment": "c", "method": "cld", "stage": "cld", "dataset": "cifar10", "split": "test", "seed": seed,
          "head": "best", "metric": metric, "value": value}
-        for seed in (0, 1) for metric, value in ((name, 0.86 + seed / 100), ("knn_top1", 0.85 + seed / 100))])
+        for seed in (0, 1) for metric, value in ((name, 0.86 + seed / 100), ("knn_top1", 0.84 + seed / 500))])
     rows = summarise(metrics, {"c": {"variant": "NPID+CLD"}})
     assert [r["metric"] for r in rows] == ["knn_top1", name]
-    sections, _ = paper_sections(rows, rep)
-    cells = {r["metric"]: r for s in sections for r in s["rows"]}
-    assert cells[name]["reported"]["text"] == cells["knn_top1"]["reported"]["text"] == "86.7"
-    assert cells[name]["delta"] == "-0.2" and cells["knn_top1"]["delta"] == "-1.2"
+    sections, card, _ = paper_tables(rows, rep)
+    cld = next(s for s in sections if s["paper"] == "CLD")
+    keys = [c["key"] for c in cld["columns"]]
+    assert keys.index(("cld", "test", name)) == keys.index(("cld", "test", "knn_top1")) + 1
+    row = _row(cld, experiment="c")
+    final, best = _cell(cld, row, "test", "knn_top1", "cld"), _cell(cld, row, "test", name, "cld")
+    assert final["reported"]["text"] == best["reported"]["text"] == "86.7"
+    assert best["delta"] == "−0.2" and final["delta"] == "−2.6"
+    assert best["status"] == "agree" and final["status"] == "disagree"
+    # the scorecard judges the paper's number by the final model's value, not the best epoch's
+    assert {c["paper"]: c for c in card}["CLD"]["agree"] == 0
+
+
+def test_cross_method_table(tree):
+    """digits, three methods: one row each under one protocol, backbone and compute from the run files."""
+    rows = []
+    for s in SEEDS:
+        rows += [f"km,kmeans,cluster,digits,test,{s},best,acc,{0.70 + s / 100}",
+                 f"km,kmeans,cluster,digits,test,{s},best,nmi,0.6", f"km,kmeans,cluster,digits,test,{s},best,ari,0.5",
+                 f"sc,scan,pretrain,digits,test,{s},best,knn_top1,{0.95 + s / 200}",
+                 f"sc,scan,scan,digits,test,{s},best,acc,0.80", f"sc,scan,selflabel,digits,test,{s},best,acc,{0.90 + s / 100}",
+                 f"sc,scan,selflabel,digits,test,{s},best,nmi,0.85", f"sc,scan,selflabel,digits,test,{s},best,ari,0.8",
+                 f"un,uno,discover,digits,test,{s},best,acc,0.92", f"un,uno,discover,digits,test,{s},best,knn_top1,0.97",
+                 f"un,uno,discover,digits,train-novel,{s},best,acc,0.99",
+                 f"alone,sela,sela,cifar10,test,{s},best,acc,0.5"]  # one method only on cifar10: no table
+    tree["metrics"].write_text(COLUMNS + "\n" + "\n".join(rows) + "\n")
+    bench = tree["bench"]
+    for rule, name, wall, cpu in (("pretrain", "sc_seed0", 30.0, 50.0), ("pretrain", "sc_seed1", 30.0, 52.0),
+                                  ("evaluate", "sc_seed0_selflabel", 3.0, 4.0), ("discover", "un_seed0", 20.0, 21.0)):
+        (bench / rule).mkdir(parents=True, exist_ok=True)
+        (bench / rule / f"{name}.tsv").write_text(f"s\tcpu_time\n{wall}\t{cpu}\n")
+    run = tree["results"] / "sc" / "seed0" / "selflabel"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"provenance": {"backbone": {"name": "small_cnn", "params": 65184}}}))
+    exps = {"km": {"method": "kmeans"}, "sc": {"method": "scan", "backbone": "small_cnn"},
+            "un": {"method": "uno", "backbone": "small_cnn", "runtime": {"gpu": True, "devices": 2}}}
+    from ncd.report.provenance import read_benchmarks, read_runs
+
+    tables = cross_method(summarise(load_metrics(tree["metrics"]), exps), exps, read_runs(tree["results"]),
+                          read_benchmarks(bench))
+    assert [t["dataset"] for t in tables] == ["digits"]
+    by = {r["experiment"]: r for r in tables[0]["rows"]}
+    assert list(by) == ["km", "sc", "un"]  # METHODS order
+    # SCAN: the clustering of its last stage (selflabel), the kNN of its pretext
+    assert by["sc"]["acc"]["text"] == "91.0 ± 1.0" and by["sc"]["acc"]["stage"] == "selflabel"
+    assert by["sc"]["knn"]["text"] == "95.5 ± 0.5" and by["sc"]["nmi"]["text"] == "85.0 ± 0.0"
+    assert by["km"]["knn"]["text"] == "–" and by["km"]["backbone"] == "pixels" and by["km"]["params"] == "–"
+    assert by["sc"]["backbone"] == "small_cnn" and by["sc"]["params"] == "65.2 k"
+    assert by["sc"]["compute"] == f"{(50 + 52 + 4) / 3:.0f} CPU-s"  # cpu_time summed, per seed
+    assert by["un"]["compute"] == f"{20 * 2 / 3600 / 3:.2f} GPU-h" and by["un"]["labels"]
+    assert by["un"]["acc"]["top"] and not by["sc"]["acc"]["top"] and by["un"]["knn"]["top"]
 
 
 def test_html_figures_provenance(tree):
     index = _build(tree)
     html = index.read_text()
     assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
-    assert html.count('<table class="results">') == 3  # Baselines (kmeans), SCAN, UNO
-    assert "<td>uno_c100</td>" in html and "90.6" in html and 'title="variant: 80/20 v2;' in html
+    assert html.count('<table class="paper">') == 6  # every paper: reproduced or reported-only rows
+    assert "<td>uno_c100 (80/20 v2)" in html and "90.6" in html and 'title="variant: 80/20 v2;' in html
+    assert '<meta name="viewport"' in html and 'href="../results/metrics.csv"' in html
     figs = sorted(p.name for p in (tree["out"] / "figures").iterdir())
     assert figs == ["confusion_scan_c10_scan.png", "confusion_scan_c10_selflabel.png", "confusion_uno_c100_discover.png",
                     "loss_scan_c10_scan.png", "loss_scan_c10_selflabel.png", "loss_uno_c100_discover.png"]
@@ -319,7 +419,7 @@ def test_reported_yaml_validation(tmp_path):
 # ------------------------------------------------------------------------------------ protocols
 def _protocol(md: str, paper: str) -> str:
     """The protocol line under a paper's heading ("" when there is none)."""
-    section = md[md.index(f"## {paper}\n"):].split("\n## ", 1)[0]
+    section = md[md.index(f"### {paper}\n"):].split("\n### ", 1)[0]
     line = next((l for l in section.splitlines() if l.startswith("*Protocol:* ")), "")
     return line.removeprefix("*Protocol:* ")
 
@@ -339,7 +439,7 @@ def test_protocols_from_yaml(tree, tmp_path):
     md = (tree["out"] / "README.md").read_text()
     assert _protocol(md, "SCAN") == "Custom SCAN protocol <i>here</i>."
     assert _protocol(md, "UNO") == "UNO's own words."
-    assert _protocol(md, "Baselines") == "" and "*Protocol:*" not in md.split("## SCAN\n")[0]
+    assert _protocol(md, "Baselines") == "" and "*Protocol:*" not in md.split("### SCAN\n")[0]
     assert "Custom SCAN protocol &lt;i&gt;here&lt;/i&gt;." in html and shipped["SCAN"][:40] not in md
     # No protocols.yaml next to reported.yaml (and none given): the report has no protocol lines.
     reported = tmp_path / "elsewhere" / "reported.yaml"
@@ -370,12 +470,10 @@ def test_pretext_kmeans_in_scan_section(tree):
             for s in SEEDS for m, v in (("acc", 0.60), ("nmi", 0.50), ("ari", 0.40))]
     with tree["metrics"].open("a") as f:
         f.write("\n".join(rows) + "\n")
-    _build(tree)
-    md = (tree["out"] / "README.md").read_text()
-    scan = md[md.index("## SCAN\n"):md.index("## UNO\n")]
-    stages = [l.split("|")[4].strip() for l in scan.splitlines() if l.startswith("| scan_c10 ")]
+    papers, _ = _tables(tree)
+    scan = papers["SCAN"]
     # pipeline order (ncd.stages.STAGES): pretext_kmeans before scan and selflabel
-    assert stages == ["pretext_kmeans"] * 3 + ["scan"] * 2 + ["selflabel"] * 2
-    row = _md_row(md, "scan_c10", "–", "cifar10", "pretext_kmeans", "test", "acc", after="## SCAN")
-    assert row[6] == "best" and row[8] == "61.0 ± 1.0 (n = 3)"
-    assert "pretext_kmeans" not in md[md.index("## Baselines\n"):md.index("## SCAN\n")]  # not a Baselines row
+    assert [r["stage"] for r in scan["rows"] if r["kind"] == "reproduced"] == ["pretext_kmeans", "scan", "selflabel"]
+    row = _row(scan, experiment="scan_c10", stage="pretext_kmeans")
+    assert _cell(scan, row, "test", "acc")["text"] == "61.0 ± 1.0" and _cell(scan, row, "test", "ari")["n"] == 3
+    assert not [r for r in papers["Baselines"]["rows"] if r["stage"] == "pretext_kmeans"]  # not a Baselines row
