@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,12 +119,19 @@ TINY = {
 }
 
 
-@pytest.mark.timeout(600)
-def test_real_end_to_end_run(tmp_path):
-    """The whole DAG on digits with a few epochs: outputs, metrics table, report, then nothing to redo."""
-    cfg = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The whole DAG on digits with a few epochs, once for the tests below: (folder, config, result)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = tmp / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
-    r = snakemake("--cores", "2", "--configfile", str(cfg), *dirs(tmp_path))
+    return tmp, cfg, snakemake("--cores", "2", "--configfile", str(cfg), *dirs(tmp))
+
+
+@pytest.mark.timeout(600)
+def test_real_end_to_end_run(tiny_run):
+    """The whole DAG on digits with a few epochs: outputs, metrics table, report, then nothing to redo."""
+    tmp_path, cfg, r = tiny_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = tmp_path / "results"
     for stage in ("pretrain", "scan", "selflabel"):
@@ -146,6 +154,8 @@ def test_real_end_to_end_run(tmp_path):
         for head in ("0", "1", "best", "avg"):
             assert {(split, head, m) for m in ("acc", "acc_agnostic", "nmi", "ari")} <= uno
     assert {("test-known", "best", "acc"), ("test-known", "best", "acc_agnostic")} <= uno
+    # the shared protocol of the table across methods, on every class of the test split
+    assert {("test", "best", m) for m in ("acc", "nmi", "ari", "knn_top1")} <= uno
     assert "uno_digits" in (tmp_path / "reports/README.md").read_text()
     readme = (tmp_path / "reports/README.md").read_text()
     assert "scan_digits" in readme and "kmeans_digits" in readme
@@ -154,6 +164,49 @@ def test_real_end_to_end_run(tmp_path):
     r = snakemake("-n", "--cores", "2", "--configfile", str(cfg), *dirs(tmp_path))
     assert "Nothing to be done" in r.stdout + r.stderr
     _a_change_reruns_exactly_what_it_affects(tmp_path)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["report.zip", "report.html"])
+def test_snakemakes_own_report(tiny_run, name):
+    """`snakemake --report` of a finished run holds the report, its figures and the metrics table."""
+    tmp_path, cfg, r = tiny_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / name
+    r = snakemake("--report", str(out), "--configfile", str(cfg), *dirs(tmp_path))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    figures = sorted(p.name for p in (tmp_path / "reports/figures").glob("*.png"))
+    assert "confusion_scan_digits_selflabel.png" in figures
+    if name.endswith(".zip"):
+        names = zipfile.ZipFile(out).namelist()
+        for f in ["index.html", "metrics.csv", *figures]:
+            assert any(n.endswith("/" + f) for n in names), (f, names)
+    else:
+        text = out.read_text(errors="replace")
+        assert out.stat().st_size > 100_000 and "confusion_scan_digits_selflabel.png" in text
+
+
+@pytest.mark.timeout(600)
+def test_report_renders_in_a_browser(tiny_run):
+    """reports/index.html in headless Chromium at 1280 px and at a phone's width: every image loads,
+    every table has rows, no console error, no sideways scrolling of the page; screenshots beside it."""
+    tmp_path, _, r = tiny_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    sys.path.insert(0, str(ROOT / "tests" / "report"))
+    from report_browser import check_report
+
+    index = tmp_path / "reports" / "index.html"
+    pngs = list((tmp_path / "reports" / "figures").glob("*.png"))
+    html = index.read_text()
+    assert "All methods on digits, one protocol" in html and html.count('<table class="paper">') == 6
+    for width, res in check_report(index).items():
+        assert res["images"] == len(pngs) > 0 and res["broken"] == [], (width, res)
+        assert res["tables"] >= 8 and res["empty_tables"] == [], (width, res)
+        assert res["errors"] == [], (width, res)
+        assert res["page_width"] <= res["view_width"], (width, res)
+        assert res["first_heading"].startswith("Scorecard")
+        shot = Path(res["screenshot"])
+        assert shot.parent == index.parent and shot.read_bytes().startswith(b"\x89PNG")
 
 
 def scheduled(out: str) -> set[tuple[str, str]]:

@@ -31,7 +31,7 @@ rule aggregate:
     input:
         metrics=aggregate_inputs(f"{RESULTS}/metrics.csv"),
     output:
-        table=f"{RESULTS}/metrics.csv",
+        table=report(f"{RESULTS}/metrics.csv", caption="../report/metrics.rst", category="Tables"),
     log:
         f"{RESULTS}/logs/aggregate.log",
     benchmark:

@@ -10,8 +10,11 @@ rule report:
         reported="reports/reported.yaml",
         protocols="reports/protocols.yaml",
     output:
-        html=f"{REPORTS}/index.html",
+        # marked for `snakemake --report` (captions in workflow/report/)
+        html=report(f"{REPORTS}/index.html", caption="../report/index.rst", category="Report"),
         readme=f"{REPORTS}/README.md",
+        figures=report(directory(f"{REPORTS}/figures"), patterns=["{name}.png"], caption="../report/figures.rst",
+                       category="Figures"),
     params:
         experiments=lambda wc: shlex.quote(json.dumps({e: exp_cfg(e) for e in EXPERIMENTS}, sort_keys=True)),
         results=lambda wildcards, input: os.path.dirname(input.table),
