@@ -18,12 +18,13 @@ import jinja2
 from ncd.report.compare import cross_method
 from ncd.report.figures import build_figures, confusion_figure, loss_columns, loss_figure, write_figures
 from ncd.report.provenance import find_runs, provenance as provenance_block, read_benchmarks, read_runs
-from ncd.report.shaped import AGREEMENT_RULE, pair_cld_baselines, paper_tables
+from ncd.report.shaped import AGREEMENT_RULE, pair_cld_baselines, paper_tables, table_csvs
 from ncd.report.tables import load_metrics, load_protocols, load_reported, match_reported, papers, summarise
 from ncd.utils import write_text_atomic
 
 _TEMPLATES = Path(__file__).with_name("templates")
 PROTOCOLS_FILE = "protocols.yaml"  # the default protocols, next to reported.yaml
+TABLES = "tables"  # the report's tables as CSV, under the output folder (Snakemake's report shows them)
 
 def _md_cell(v: Any) -> str:
     """Make a value safe inside a GitHub Markdown table cell."""
@@ -38,6 +39,16 @@ def _env(autoescape: bool) -> jinja2.Environment:
     return env
 
 
+def _write_tables(folder: Path, tables: dict[str, str]) -> None:
+    """The tables as CSV files (each atomically); CSV files no longer made are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in tables.items():
+        write_text_atomic(folder / name, text)
+    for old in folder.glob("*.csv"):
+        if old.name not in tables:
+            old.unlink()
+
+
 def _protocols(path: Path | None, reported_yaml: Path, reported: list[dict]) -> dict[str, str]:
     """The protocol texts: ``path``, else ``protocols.yaml`` next to reported.yaml if there is one."""
     if path is None:
@@ -50,7 +61,8 @@ def _protocols(path: Path | None, reported_yaml: Path, reported: list[dict]) -> 
 def build_report(metrics_csv: Path, reported_yaml: Path, results_dir: Path, benchmarks_dir: Path,
                  out_dir: Path, experiments: dict[str, dict] | None = None,
                  provenance: dict | None = None, protocols: Path | None = None) -> Path:
-    """Render ``out_dir/index.html``, ``out_dir/README.md`` and ``out_dir/figures/*.png``.
+    """Render ``out_dir/index.html``, ``out_dir/README.md``, ``out_dir/figures/*.png`` and
+    ``out_dir/tables/*.csv`` (the scorecard, the tables across methods and each paper's table).
 
     ``experiments`` maps experiment name → config (its ``variant`` selects the reported row);
     ``provenance`` holds global facts shown in the provenance block; ``protocols`` is the YAML file
@@ -66,9 +78,11 @@ def build_report(metrics_csv: Path, reported_yaml: Path, results_dir: Path, benc
     runs = read_runs(results_dir)
     benchmarks = read_benchmarks(benchmarks_dir)
     figures, fig_groups = build_figures(runs)  # relative path → PNG, written only once all are made
+    compare = cross_method(summary, experiments, runs, benchmarks)
+    tables = table_csvs(sections, scorecard, compare)
     context = {
         "sections": sections, "scorecard": scorecard, "agreement_rule": AGREEMENT_RULE, "notes": notes,
-        "compare": cross_method(summary, experiments, runs, benchmarks), "figures": fig_groups,
+        "compare": compare, "figures": fig_groups, "tables": sorted(tables),
         "provenance": provenance_block(runs, benchmarks, provenance),
         "n_rows": len(metrics), "metrics_csv": str(metrics_csv), "reported_yaml": str(reported_yaml),
         "metrics_href": Path(os.path.relpath(Path(metrics_csv).resolve(), out_dir.resolve())).as_posix(),
@@ -77,6 +91,7 @@ def build_report(metrics_csv: Path, reported_yaml: Path, results_dir: Path, benc
     html = _env(True).get_template("index.html.j2").render(**context)
 
     write_figures(out_dir, figures)
+    _write_tables(out_dir / TABLES, tables)
     write_text_atomic(out_dir / "README.md", markdown)
     index = out_dir / "index.html"
     write_text_atomic(index, html)  # last: its presence means the report is complete

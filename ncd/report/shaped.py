@@ -10,6 +10,8 @@ reproduction and how many of those agree (:data:`AGREEMENT_RULE`).
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import re
 from collections.abc import Mapping
@@ -204,6 +206,40 @@ def paper_tables(rows: list[dict], reported: list[dict], protocols: Mapping[str,
     return sections, _scorecard(sections, reported, used), notes.listed()
 
 
+def _cell_text(c: dict) -> str:
+    parts = [f"{c['text']} (n = {c['n']})"] if c["text"] else []
+    if c["reported"]:
+        parts.append(f"paper {c['reported']['text']}" + (f", Δ {c['delta']} ({c['status']})" if c["delta"] else ""))
+    return "; ".join(parts) or "–"
+
+
+def table_csvs(sections: list[dict], scorecard: list[dict], compare: list[dict]) -> dict[str, str]:
+    """The report's tables as CSV texts, by file name: ``scorecard.csv``, ``<dataset>_methods.csv``
+    (the table across methods) and ``paper_<paper>.csv`` (each paper's table, one text per cell)."""
+    def text(header: list[str], rows: list[list[Any]]) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+        return buf.getvalue()
+
+    out = {"scorecard.csv": text(["paper", "reported values", "reproduced", "agree", "disagreements"],
+                                 [[c["paper"], c["reported"], c["reproduced"], c["agree"],
+                                   "; ".join(d["text"] for d in c["disagreements"])] for c in scorecard])}
+    for t in compare:
+        out[f"{slug(t['dataset'])}_methods.csv"] = text(
+            ["method", "experiment", "clusters", "ACC", "NMI", "ARI", "kNN top-1", "backbone", "parameters",
+             "compute per seed", "seeds"],
+            [[r["paper"], r["experiment"], r["clusters"], r["acc"]["text"], r["nmi"]["text"], r["ari"]["text"],
+              r["knn"]["text"], r["backbone"], r["params"], r["compute"], r["seeds"]] for r in t["rows"]])
+    for s in sections:
+        out[f"paper_{slug(s['paper'])}.csv"] = text(
+            ["dataset", "setting", "stage", "rows"] + [f"{c['label']} ({c['group']})" for c in s["columns"]],
+            [[r["dataset"], r["setting"] + (f" ({r['head_label']})" if r["head_label"] else ""), r["stage"] or "–",
+              r["kind"]] + [_cell_text(c) for c in r["cells"]] for r in s["rows"]])
+    return out
+
+
 def _order_rows(rows: list[dict]) -> list[dict]:
     """Datasets with a reproduction first (in experiment order), then the reported-only ones (in the
     order of reported.yaml); within a dataset the reproduced rows, then the reported-only settings."""
@@ -266,6 +302,8 @@ def _scorecard(sections: list[dict], reported: list[dict], used: dict[int, list]
     card = []
     for s in sections:
         own = [e for e in reported if e["paper"] == s["paper"] and paper_of(e["method"]) == s["paper"]]
+        if not own:
+            continue  # the k-means floor reports nothing
         n_repro = n_agree = 0
         wrong = []
         for e in own:
@@ -288,4 +326,4 @@ def _scorecard(sections: list[dict], reported: list[dict], used: dict[int, list]
     return card
 
 
-__all__ = ["AGREEMENT_RULE", "LAYOUTS", "agrees", "pair_cld_baselines", "paper_tables", "slug"]
+__all__ = ["AGREEMENT_RULE", "LAYOUTS", "agrees", "pair_cld_baselines", "paper_tables", "slug", "table_csvs"]

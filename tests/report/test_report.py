@@ -315,6 +315,29 @@ def test_html_figures_provenance(tree):
     assert not list(tree["out"].rglob("*.tmp"))
 
 
+def test_tables_as_csv(tree):
+    import csv
+
+    _build(tree)
+    folder = tree["out"] / "tables"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["paper_baselines.csv", "paper_cld.csv", "paper_scan.csv", "paper_sela.csv", "paper_two-stage.csv",
+                     "paper_uno.csv", "scorecard.csv"]
+    card = list(csv.DictReader((folder / "scorecard.csv").open()))
+    assert [r["paper"] for r in card] == ["SCAN", "UNO", "SeLa", "CLD", "Two-stage"] and card[0]["reproduced"] == "4"
+    scan = list(csv.DictReader((folder / "paper_scan.csv").open()))
+    row = next(r for r in scan if r["setting"] == "scan_c10" and r["stage"] == "selflabel")
+    mean, std = _stats(SCAN_ACC["selflabel"])
+    assert row["ACC (test split)"].startswith(f"{100 * mean:.1f} ± {100 * std:.1f} (n = 3); paper 88.3, Δ ")
+    assert row["ARI (test split)"] == "paper 77.2" and row["rows"] == "reproduced"
+    html = (tree["out"] / "index.html").read_text()
+    assert 'href="tables/scorecard.csv"' in html
+    stale = folder / "paper_gone.csv"
+    stale.write_text("x\n")
+    _build(tree)
+    assert not stale.exists()
+
+
 def test_packages_differ(tree):
     p = tree["results"] / "uno_c100" / "seed1" / "discover" / "metrics.json"
     p.write_text(json.dumps({"provenance": _provenance(1, torch="2.13.0")}))  # and no confusion

@@ -179,7 +179,7 @@ def test_snakemakes_own_report(tiny_run, name):
     assert "confusion_scan_digits_selflabel.png" in figures
     if name.endswith(".zip"):
         names = zipfile.ZipFile(out).namelist()
-        for f in ["index.html", "metrics.csv", *figures]:
+        for f in ["index.html", "metrics.csv", "scorecard.csv", "digits_methods.csv", "paper_scan.csv", *figures]:
             assert any(n.endswith("/" + f) for n in names), (f, names)
     else:
         text = out.read_text(errors="replace")

@@ -15,6 +15,8 @@ rule report:
         readme=f"{REPORTS}/README.md",
         figures=report(directory(f"{REPORTS}/figures"), patterns=["{name}.png"], caption="../report/figures.rst",
                        category="Figures"),
+        tables=report(directory(f"{REPORTS}/tables"), patterns=["{name}.csv"], caption="../report/tables.rst",
+                      category="Tables"),
     params:
         experiments=lambda wc: shlex.quote(json.dumps({e: exp_cfg(e) for e in EXPERIMENTS}, sort_keys=True)),
         results=lambda wildcards, input: os.path.dirname(input.table),
