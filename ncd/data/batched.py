@@ -30,6 +30,7 @@ from typing import Any
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -278,12 +279,58 @@ class RawImages(Dataset):
         return self.keyed_item(0, i)
 
 
+class RawNeighbors(RawImages):
+    """SCAN's training pairs for the batched path: ``({"image", "neighbor": uint8 [C, H, W], "key"},
+    target, index)``, the neighbour drawn as :class:`~ncd.data.wrappers.NeighborsDataset` draws it (one
+    of the first ``num_neighbors + 1`` columns, the sample itself included, from NumPy's generator,
+    which :class:`~ncd.methods.common.SeededItems` seeds from (seed, epoch, index))."""
+
+    def __init__(self, base: Dataset, neighbors: Any, num_neighbors: int) -> None:
+        super().__init__(base)
+        if neighbors.shape[0] != len(base):  # type: ignore[arg-type]
+            raise NcdError(f"neighbour table has {neighbors.shape[0]} rows, expected {len(base)} (one per image)")  # type: ignore[arg-type]
+        self.neighbors = np.asarray(neighbors)[:, : num_neighbors + 1]
+
+    def keyed_item(self, epoch: int, i: int):
+        item, target, i = super().keyed_item(epoch, i)
+        j = int(np.random.choice(self.neighbors[i]))
+        item["neighbor"] = TF.pil_to_tensor(self.base[j][0])
+        return item, target, i
+
+
+class CenterViews(torch.nn.Module):
+    """SCAN's ``val``/``weak`` view (centre crop, normalise) of a uint8 batch on its device; no randomness."""
+
+    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.size = int(crop_size)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+
+    def forward(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise NcdError(f"batched augmentation takes a uint8 batch [B, C, H, W], got {images.dtype} "
+                           f"{list(images.shape)}")
+        x = TF.center_crop(images, [self.size, self.size]).float().div_(255.0)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
 def apply_views(views: Sequence[SimCLRViews], item: dict[str, torch.Tensor]) -> torch.Tensor:
     """A collated :class:`RawImages` batch → ``[B, V, C, S, S]`` (view ``v`` drawn by ``views[v]``)."""
     images, keys = item["image"], item["key"]
     if images.dtype != torch.uint8:
         raise NcdError(f"batched augmentation takes uint8 images, got {images.dtype}")
     return torch.stack([v(images, keys) for v in views], dim=1)
+
+
+def center_views(info: DatasetInfo, **overrides: Any) -> CenterViews:
+    """The batched counterpart of ``build_transform("val", info, **overrides)``."""
+    check_options(overrides, _DEFAULTS["val"], "transform 'val'")
+    o = {**_DEFAULTS["val"], **overrides}
+    if o["resize"]:
+        raise NcdError(f"augment.backend 'batched' does not resize first (resize: {o['resize']}); "
+                       "expected resize: 0, or backend: pil")
+    return CenterViews(o["crop_size"] or info.crop_size, info.mean, info.std)
 
 
 def simclr_views(info: DatasetInfo, seed: int = 0, view: int = 0, **overrides: Any) -> SimCLRViews:
