@@ -2,10 +2,11 @@
 
     python benchmarks/augment_bench.py [--threads 2] [--batch 512] [--train-steps 3]
 
-Part 1, per dataset shape (digits 8×8 L, CIFAR 32×32 RGB): images/s of SCAN's SimCLR view
-(``build_transform("simclr")``: what one DataLoader worker does per image) against the batched
-path (``ncd.data.batched``: parameters drawn from (seed, epoch, index) and applied to a uint8
-batch) on the CPU with ``--threads`` threads and, when CUDA is available, on the GPU.
+Part 1, per augmentation (SCAN's SimCLR view, SCAN's strong augmentation: 4 of 14 ops + Cutout) and
+dataset shape (digits 8×8 L, CIFAR 32×32 RGB): images/s of the PIL transform (``build_transform``:
+what one DataLoader worker does per image) against the batched path (``ncd.data.batched``,
+``ncd.data.batched_strong``: parameters drawn from (seed, epoch, index) and applied to a uint8 batch)
+on the CPU with ``--threads`` threads and, when CUDA is available, on the GPU.
 
 Part 2: SimCLR training images/s on CIFAR-10-shaped data with a CIFAR ResNet-18 at ``--batch``:
 the PIL loader (DataLoader workers = CPUs, two views per image) vs the batched path (uint8 batches,
@@ -25,6 +26,7 @@ from PIL import Image
 
 from ncd.data import build_transform
 from ncd.data.batched import apply_views, simclr_views
+from ncd.data.batched_strong import device_views
 from ncd.data.registry import get_info
 from ncd.data.wrappers import MultiView
 
@@ -51,26 +53,28 @@ def timed(fn, repeat: int) -> float:
 
 
 def augment_rates(batch: int, repeat: int) -> None:
-    print(f"SimCLR view augmentation, images/s (batch {batch}, median of {repeat}; "
-          f"torch threads {torch.get_num_threads()})")
-    print(f"{'data':<9} {'PIL, 1 process':>15} {'batched, CPU':>13} {'CPU ×':>6} {'batched, GPU':>13} {'GPU ×':>7}")
-    for kind, ds in (("digits", "digits"), ("cifar", "cifar10")):
-        info = get_info(ds, "data")
-        imgs = images(kind, batch)
-        t = build_transform("simclr", info)
-        pil = batch / timed(lambda: [t(im) for im in imgs], max(1, repeat // 2))
-        x = torch.stack([torch.from_numpy(np.asarray(im).copy()).reshape(im.size[1], im.size[0], -1).permute(2, 0, 1)
-                         for im in imgs])
-        keys = torch.stack([torch.zeros(batch, dtype=torch.long), torch.arange(batch)], dim=1)
-        v = simclr_views(info, seed=0)
-        cpu = batch / timed(lambda: v(x, keys), repeat)
-        gpu_s = "-"
-        gpu_x = "-"
-        if torch.cuda.is_available():
-            xg, kg = x.cuda(), keys.cuda()
-            gpu = batch / timed(lambda: v(xg, kg), repeat)
-            gpu_s, gpu_x = f"{gpu:,.0f}", f"{gpu / pil:,.0f}"
-        print(f"{kind:<9} {pil:>15,.0f} {cpu:>13,.0f} {cpu / pil:>6.1f} {gpu_s:>13} {gpu_x:>7}")
+    print(f"View augmentation, images/s (batch {batch}, median of {repeat}; torch threads {torch.get_num_threads()})")
+    print(f"{'augmentation':<14} {'data':<7} {'PIL, 1 process':>15} {'batched, CPU':>13} {'CPU ×':>6} "
+          f"{'batched, GPU':>13} {'GPU ×':>7}")
+    for kind in ("simclr", "strong"):
+        for data, ds in (("digits", "digits"), ("cifar", "cifar10")):
+            info = get_info(ds, "data")
+            imgs = images(data, batch)
+            t = build_transform(kind, info)
+            pil = batch / timed(lambda: [t(im) for im in imgs], max(1, repeat // 2))
+            x = torch.stack([torch.from_numpy(np.asarray(im).copy()).reshape(im.size[1], im.size[0], -1).permute(2, 0, 1)
+                             for im in imgs])
+            keys = torch.stack([torch.zeros(batch, dtype=torch.long), torch.arange(batch)], dim=1)
+            v = device_views(kind, info, seed=0)
+            cpu = batch / timed(lambda: v(x, keys), repeat)
+            gpu_s = "-"
+            gpu_x = "-"
+            if torch.cuda.is_available():
+                xg, kg = x.cuda(), keys.cuda()
+                gpu = batch / timed(lambda: v(xg, kg), repeat)
+                gpu_s, gpu_x = f"{gpu:,.0f}", f"{gpu / pil:,.0f}"
+            label = "SimCLR view" if kind == "simclr" else "SCAN strong"
+            print(f"{label:<14} {data:<7} {pil:>15,.0f} {cpu:>13,.0f} {cpu / pil:>6.1f} {gpu_s:>13} {gpu_x:>7}")
 
 
 def train_rates(batch: int, steps: int) -> None:

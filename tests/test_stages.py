@@ -14,6 +14,7 @@ import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,17 +238,19 @@ def test_a_killed_stage_resumes_only_under_its_own_unchanged_slice(config, work,
     assert _history_epochs(out.parent) == [1, 2]
 
 
-def test_batched_augmentation_pretrain_resumes_exactly_and_differs_from_pil(config, work, tmp_path):
-    """``augment.backend: batched``: the SimCLR pretext killed with SIGKILL after a mid-epoch save and
-    rerun ends bit-identical to an uninterrupted batched run (each view is a function of seed, epoch
+@pytest.mark.parametrize("stage", ["pretrain", "scan", "selflabel"])
+def test_batched_augmentation_resumes_exactly_and_differs_from_pil(config, work, tmp_path, stage):
+    """``augment.backend: batched``: the SimCLR pretext, SCAN (strong views of anchors and neighbours)
+    and self-labeling (weak and strong views), each killed with SIGKILL after a mid-epoch save and
+    rerun, end bit-identical to an uninterrupted batched run (each view is a function of seed, epoch
     and index), and the backend is part of the stage's slice (its views differ from the PIL path's)."""
-    stage = "pretrain"
+    _ensure(config, work, stage)
     batched = copy.deepcopy(config)
     batched["experiments"]["scan_digits"]["augment"] = {"backend": "batched"}
     straight = tmp_path / "straight" / "model.ckpt"
     log = tmp_path / "straight.log"
     assert main([stage, *_args(batched, work, stage, straight), "--log", str(log)]) == 0
-    assert "batched augmentation" in log.read_text()
+    assert re.search(r"batched( strong)? augmentation", log.read_text())
     out = tmp_path / "killed" / "model.ckpt"
     r = _run_killed(_args(batched, work, stage, out), stage, {KILL_MID_EPOCH: "1"})
     assert r.returncode == -9, r.stderr[-3000:]

@@ -14,6 +14,8 @@ import torch
 
 from ncd.checkpoint import load_model, load_state_strict, save_model
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import RawNeighbors
+from ncd.data.batched_strong import device_views
 from ncd.data.wrappers import NeighborsDataset, Transformed
 from ncd.errors import NcdError
 from ncd.eval.clustering import hungarian_evaluate, scan_head_losses
@@ -30,10 +32,12 @@ class SCANModule(L.LightningModule):
     """Trains ``model`` with the summed per-head SCAN loss; validates every epoch on the test
     split's neighbours to select the head and the checkpoint (weight 1 entropy, as the code)."""
 
-    def __init__(self, model: ClusteringModel, cfg: dict[str, Any], val_neighbors: np.ndarray | None) -> None:
+    def __init__(self, model: ClusteringModel, cfg: dict[str, Any], val_neighbors: np.ndarray | None,
+                 views: tuple[Any, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.views = views  # (anchor view, neighbour view) of augment.backend batched; a tuple: no submodules
         self.head_only = bool(cfg.get("update_cluster_head_only", False))
         self.val_neighbors = None if val_neighbors is None else torch.as_tensor(val_neighbors)
         self.best_loss = float("inf")
@@ -45,6 +49,14 @@ class SCANModule(L.LightningModule):
         if self.head_only:
             for p in self.model.backbone.parameters():
                 p.requires_grad_(False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # augment.backend batched: uint8 anchors and neighbours with their keys → both views, here on the device
+        if self.views is not None and isinstance(batch[0], dict):
+            item = batch[0]
+            return (self.views[0](item["image"], item["key"]), self.views[1](item["neighbor"], item["key"]),
+                    *batch[1:])
+        return batch
 
     def on_train_epoch_start(self) -> None:
         if self.head_only:
@@ -150,14 +162,23 @@ def run_scan(ctx: RunContext, pretrain_ckpt: Path, neighbors: Path, out: Path) -
     heads = int(sc.get("num_heads", 1))
     model = ClusteringModel(backbone, dim, k, heads)
     aug = sc.get("augmentation", "strong")
-    t = ctx.transform(aug, info, sc.get("augment"))
     base = build_dataset(dataset, ctx.data_root, info.train_split)
     val_ds = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), ctx.transform("val", info))
     nb = load_neighbors(neighbors, sizes={"train": len(base), "test": len(val_ds)})
-    ds = NeighborsDataset(base, nb["train"], t, t, int(sc.get("num_neighbors", 20)))
+    backend = ctx.cfg.get("augment", {}).get("backend", "pil")
+    views = None
+    if backend == "batched":
+        options = {**ctx.cfg.get("transform", {}), **(sc.get("augment") or {})}
+        views = (device_views(aug, info, seed=ctx.seed, view=0, **options),
+                 device_views(aug, info, seed=ctx.seed, view=1, **options))
+        ds = RawNeighbors(base, nb["train"], int(sc.get("num_neighbors", 20)))
+    else:
+        t = ctx.transform(aug, info, sc.get("augment"))
+        ds = NeighborsDataset(base, nb["train"], t, t, int(sc.get("num_neighbors", 20)))
     val_nb = nb["test"][:, : int(sc.get("num_neighbors_val", 5)) + 1]
-    module = SCANModule(model, sc, val_nb)
-    log.info("SCAN on %s: %d images, %d clusters, %d heads, %d epochs", dataset, len(ds), k, heads, sc["epochs"])
+    module = SCANModule(model, sc, val_nb, views)
+    log.info("SCAN on %s: %d images, %d clusters, %d heads, %d epochs, %s %s augmentation", dataset, len(ds), k,
+             heads, sc["epochs"], backend, aug)
     fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]),
         val_loader=make_loader(val_ds, int(sc.get("eval_batch_size", 512)), ctx, train=False))
     state = module.best_state or model.state_dict()

@@ -12,6 +12,8 @@ import torch
 
 from ncd.checkpoint import load_model, load_state_strict, save_model
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import RawImages
+from ncd.data.batched_strong import device_views
 from ncd.data.wrappers import Transformed, WeakStrong
 from ncd.errors import NcdError
 from ncd.eval.clustering import hungarian_evaluate
@@ -59,13 +61,21 @@ class EMA:
 class SelfLabelModule(L.LightningModule):
     """Cross-entropy on the strong view against confident (> threshold) weak-view predictions."""
 
-    def __init__(self, model: ClusteringModel, cfg: dict[str, Any]) -> None:
+    def __init__(self, model: ClusteringModel, cfg: dict[str, Any], views: tuple[Any, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.views = views  # (weak view, strong view) of augment.backend batched; a tuple: no submodules
         self.ema: EMA | None = None
         self.skipped = 0
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # augment.backend batched: uint8 images with their keys → the weak and the strong view, on the device
+        if self.views is not None and isinstance(batch[0], dict):
+            item = batch[0]
+            return (self.views[0](item["image"], item["key"]), self.views[1](item["image"], item["key"]), *batch[1:])
+        return batch
 
     def on_fit_start(self) -> None:
         ema = self.cfg.get("ema", {})
@@ -148,11 +158,20 @@ def run_selflabel(ctx: RunContext, scan_ckpt: Path, out: Path) -> None:
     model = ClusteringModel(scan_model.backbone, scan_model.backbone_dim, blob["arch"]["num_clusters"], 1)
     model.cluster_head[0].load_state_dict(scan_model.cluster_head[head].state_dict())
     weak = ctx.transform("val", info)
-    strong = ctx.transform("strong", info, sc.get("augment"))
-    ds = WeakStrong(build_dataset(dataset, ctx.data_root, info.train_split), weak, strong)
+    base = build_dataset(dataset, ctx.data_root, info.train_split)
+    backend = ctx.cfg.get("augment", {}).get("backend", "pil")
+    views = None
+    if backend == "batched":
+        shared = dict(ctx.cfg.get("transform", {}))
+        views = (device_views("val", info, **shared),
+                 device_views("strong", info, seed=ctx.seed, view=0, **{**shared, **(sc.get("augment") or {})}))
+        ds = RawImages(base)
+    else:
+        ds = WeakStrong(base, weak, ctx.transform("strong", info, sc.get("augment")))
     val_ds = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), weak)
-    module = SelfLabelModule(model, sc)
-    log.info("self-labeling on %s from SCAN head %d: %d images, %d epochs", dataset, head, len(ds), sc["epochs"])
+    module = SelfLabelModule(model, sc, views)
+    log.info("self-labeling on %s from SCAN head %d: %d images, %d epochs, %s augmentation", dataset, head, len(ds),
+             sc["epochs"], backend)
     fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]),
         val_loader=make_loader(val_ds, int(sc.get("eval_batch_size", 512)), ctx, train=False))
     if module.ema is not None and module.ema.mode == "fixed":
