@@ -323,24 +323,27 @@ def apply_views(views: Sequence[SimCLRViews], item: dict[str, torch.Tensor]) -> 
     return torch.stack([v(images, keys) for v in views], dim=1)
 
 
-def center_views(info: DatasetInfo, **overrides: Any) -> CenterViews:
-    """The batched counterpart of ``build_transform("val", info, **overrides)``."""
-    check_options(overrides, _DEFAULTS["val"], "transform 'val'")
-    o = {**_DEFAULTS["val"], **overrides}
+def view_options(kind: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``build_transform``'s options of ``kind`` with ``overrides`` (checked); the batched path does
+    not resize first, so a ``resize`` is refused."""
+    check_options(overrides, _DEFAULTS[kind], f"transform '{kind}'")
+    o = {**_DEFAULTS[kind], **overrides}
     if o["resize"]:
         raise NcdError(f"augment.backend 'batched' does not resize first (resize: {o['resize']}); "
                        "expected resize: 0, or backend: pil")
+    return o
+
+
+def center_views(info: DatasetInfo, **overrides: Any) -> CenterViews:
+    """The batched counterpart of ``build_transform("val", info, **overrides)``."""
+    o = view_options("val", overrides)
     return CenterViews(o["crop_size"] or info.crop_size, info.mean, info.std)
 
 
 def simclr_views(info: DatasetInfo, seed: int = 0, view: int = 0, **overrides: Any) -> SimCLRViews:
     """The batched counterpart of ``build_transform("simclr", info, **overrides)`` (same defaults),
     drawing from ``(seed, epoch, index, view)``."""
-    check_options(overrides, _DEFAULTS["simclr"], "transform 'simclr'")
-    o = {**_DEFAULTS["simclr"], **overrides}
-    if o["resize"]:
-        raise NcdError(f"augment.backend 'batched' does not resize first (resize: {o['resize']}); "
-                       "expected resize: 0, or backend: pil")
+    o = view_options("simclr", overrides)
     return SimCLRViews(o["crop_size"] or info.crop_size, info.mean, info.std, crop_scale=o["crop_scale"],
                        flip_p=o["flip_p"], jitter=o["jitter"], jitter_p=o["jitter_p"],
                        grayscale_p=o["grayscale_p"], seed=seed, view=view)

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF2
 
-from ncd.data.batched import center_views, key_hash, simclr_views, uniform
+from ncd.data.batched import center_views, key_hash, simclr_views, uniform, view_options
 from ncd.data.registry import DatasetInfo
-from ncd.data.transforms import _DEFAULTS, OPS
+from ncd.data.transforms import OPS
 from ncd.errors import NcdError
-from ncd.ops.checks import check_options
 
 OP_NAMES: tuple[str, ...] = tuple(OPS)
 # parameter columns: flip, crop top, crop left; per slot (op id, magnitude); Cutout side, centre y, x
@@ -230,11 +229,7 @@ class StrongViews(torch.nn.Module):
 def strong_views(info: DatasetInfo, seed: int = 0, view: int = 0, **overrides: Any) -> StrongViews:
     """The batched counterpart of ``build_transform("strong", info, **overrides)`` (same defaults),
     drawing from ``(seed, epoch, index, view)``."""
-    check_options(overrides, _DEFAULTS["strong"], "transform 'strong'")
-    o = {**_DEFAULTS["strong"], **overrides}
-    if o["resize"]:
-        raise NcdError(f"augment.backend 'batched' does not resize first (resize: {o['resize']}); "
-                       "expected resize: 0, or backend: pil")
+    o = view_options("strong", overrides)
     cutout = info.cutout if o["cutout"] is None else o["cutout"]
     return StrongViews(o["crop_size"] or info.crop_size, info.mean, info.std, flip_p=o["flip_p"],
                        num_ops=o["num_ops"], cutout=int(cutout or 0), seed=seed, view=view)
