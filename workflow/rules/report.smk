@@ -13,8 +13,9 @@ rule report:
         # marked for `snakemake --report` (captions in workflow/report/)
         html=report(f"{REPORTS}/index.html", caption="../report/index.rst", category="Report"),
         readme=f"{REPORTS}/README.md",
-        figures=report(directory(f"{REPORTS}/figures"), patterns=["{name}.png"], caption="../report/figures.rst",
-                       category="Figures"),
+        figures=report(directory(f"{REPORTS}/figures"), patterns=["{kind,confusion|loss}_{name}.png"],
+                       caption="../report/figures.rst", category="Figures", subcategory="{kind}",
+                       labels={"figure": "{kind}", "experiment and stage": "{name}"}),
         tables=report(directory(f"{REPORTS}/tables"), patterns=["{name}.csv"], caption="../report/tables.rst",
                       category="Tables"),
     params:
