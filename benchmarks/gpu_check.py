@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                         # one GPU: paper batch sizes and precision
     python benchmarks/gpu_check.py --device cpu --tiny     # every experiment at batch 4, a few minutes on 2 cores
     python benchmarks/gpu_check.py --experiments scan_cifar10 sela_cifar10 --out /tmp/check   # a subset, kept
+    python benchmarks/gpu_check.py --experiments scan_cifar10 scan_stl10 --augment batched     # views on the GPU
 
 For every experiment of workflow/experiments/paper.yaml (its run_experiments, then the others), resolved as the
 workflow resolves it, and for each stage of its method in pipeline order: the dataset is fabricated in its real
@@ -160,6 +161,7 @@ class Plan:
     device: str          # "cuda" or "cpu"
     tiny: bool
     steps: int           # k: SIGUSR1 during the k-th step of the first run, which stops at the end of that step
+    augment: str = "pil"  # augment.backend of every experiment (batched: views made on the device)
 
     @property
     def cuda(self) -> bool:
@@ -256,6 +258,9 @@ def prepare(config: dict[str, Any], name: str, plan: Plan) -> tuple[dict[str, An
         notes[""].append(f"precision {rt['precision']} -> 32-true on the CPU")
         rt["precision"] = "32-true"
     exp["download"] = False
+    if plan.augment != (exp.get("augment") or {}).get("backend", "pil"):
+        exp["augment"] = {**(exp.get("augment") or {}), "backend": plan.augment}
+        notes[""].append(f"augment.backend {plan.augment}")
     stages = experiment_stages(exp)
     blocks = _blocks(stages)
     for b in blocks:
@@ -889,6 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for the fabricated data and the runs (kept); "
                                             "default: a temporary folder, removed at the end")
     p.add_argument("--steps", type=int, help="k: stop the first run after k steps (default 3, --tiny 2)")
+    p.add_argument("--augment", choices=["pil", "batched"], default="pil",
+                   help="augment.backend of every experiment (default pil, paper.yaml's); batched makes the views "
+                        "of the stages that have a batched path on the device")
     return p
 
 
@@ -911,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown experiment(s): {', '.join(unknown)}; expected names from {PAPER.relative_to(ROOT)}: "
                          + ", ".join(names))
         names = [n for n in names if n in args.experiments]
-    plan = Plan(args.device, args.tiny, steps)
+    plan = Plan(args.device, args.tiny, steps, args.augment)
     shrunk = shrink_imagenet_for_tiny() if plan.tiny else []
     keep = args.out is not None
     out = args.out.resolve() if keep else Path(tempfile.mkdtemp(prefix="gpu_check_"))
