@@ -230,7 +230,7 @@ def table_csvs(sections: list[dict], scorecard: list[dict], compare: list[dict])
         out[f"{slug(t['dataset'])}_methods.csv"] = text(
             ["method", "experiment", "clusters", "ACC", "NMI", "ARI", "kNN top-1", "backbone", "parameters",
              "compute per seed", "seeds"],
-            [[r["paper"], r["experiment"], r["clusters"], r["acc"]["text"], r["nmi"]["text"], r["ari"]["text"],
+            [[r["paper"], r["experiment"] + (f" ({r['variant']})" if r["variant"] else ""), r["clusters"], r["acc"]["text"], r["nmi"]["text"], r["ari"]["text"],
               r["knn"]["text"], r["backbone"], r["params"], r["compute"], r["seeds"]] for r in t["rows"]])
     for s in sections:
         out[f"paper_{slug(s['paper'])}.csv"] = text(

@@ -500,3 +500,13 @@ def test_pretext_kmeans_in_scan_section(tree):
     row = _row(scan, experiment="scan_c10", stage="pretext_kmeans")
     assert _cell(scan, row, "test", "acc")["text"] == "61.0 ± 1.0" and _cell(scan, row, "test", "ari")["n"] == 3
     assert not [r for r in papers["Baselines"]["rows"] if r["stage"] == "pretext_kmeans"]  # not a Baselines row
+
+
+def test_cross_method_rows_name_their_variant(tree):
+    rows = [f"a,cld,cld,digits,test,{s},best,knn_top1,0.9" for s in SEEDS] + \
+           [f"b,kmeans,cluster,digits,test,{s},best,acc,0.7" for s in SEEDS]
+    tree["metrics"].write_text(COLUMNS + "\n" + "\n".join(rows) + "\n")
+    md = (_build(tree, experiments={"a": {"method": "cld", "variant": "NPID (CLD pipeline, λ = 0)"},
+                                   "b": {"method": "kmeans"}}).parent / "README.md").read_text()
+    assert _md_row(md, "CLD", "a (NPID (CLD pipeline, λ = 0))", after="## All methods on digits")[6] == "90.0 ± 0.0"
+    assert _md_row(md, "Baselines", "b", after="## All methods on digits")[3] == "70.0 ± 0.0"
