@@ -508,5 +508,5 @@ def test_cross_method_rows_name_their_variant(tree):
     tree["metrics"].write_text(COLUMNS + "\n" + "\n".join(rows) + "\n")
     md = (_build(tree, experiments={"a": {"method": "cld", "variant": "NPID (CLD pipeline, λ = 0)"},
                                    "b": {"method": "kmeans"}}).parent / "README.md").read_text()
-    assert _md_row(md, "CLD", "a (NPID (CLD pipeline, λ = 0))", after="## All methods on digits")[6] == "90.0 ± 0.0"
-    assert _md_row(md, "Baselines", "b", after="## All methods on digits")[3] == "70.0 ± 0.0"
+    assert _md_row(md, "CLD", "a (NPID (CLD pipeline, λ = 0))", after="## All methods on digits")[6] == "**90.0 ± 0.0**"  # the best kNN, bold
+    assert _md_row(md, "Baselines", "b", after="## All methods on digits")[3] == "**70.0 ± 0.0**"
