@@ -30,7 +30,7 @@ CLUSTERS_FROM = {
 USES_LABELS = {"uno"}
 
 
-def _per_seed(rows: list[dict], metric: str) -> dict | None:
+def _latest_test_row(rows: list[dict], metric: str) -> dict | None:
     """The summarised test-split row of ``metric`` (head ``best``) of the latest stage that has one."""
     cands = [r for r in rows if r["split"] == "test" and r["metric"] == metric and r["head"] == "best"]
     return max(cands, key=lambda r: stage_rank(r["stage"])) if cands else None
@@ -86,7 +86,7 @@ def cross_method(rows: list[dict], experiments: Mapping[str, dict] | None, runs:
     datasets: dict[str, list[dict]] = {}
     for exp, rs in by_exp.items():
         method, dataset = rs[0]["method"], rs[0]["dataset"]
-        acc, knn = _per_seed(rs, "acc"), _per_seed(rs, "knn_top1")
+        acc, knn = _latest_test_row(rs, "acc"), _latest_test_row(rs, "knn_top1")
         if acc is None and knn is None:
             continue
         cfg = experiments.get(exp) or {}
@@ -97,7 +97,7 @@ def cross_method(rows: list[dict], experiments: Mapping[str, dict] | None, runs:
             "experiment": exp, "method": method, "paper": paper_of(method),
             "variant": cfg.get("variant") or "",
             "clusters": CLUSTERS_FROM.get(method, "best head"), "labels": method in USES_LABELS,
-            "acc": _fmt(acc), "nmi": _fmt(_per_seed(rs, "nmi")), "ari": _fmt(_per_seed(rs, "ari")),
+            "acc": _fmt(acc), "nmi": _fmt(_latest_test_row(rs, "nmi")), "ari": _fmt(_latest_test_row(rs, "ari")),
             "knn": _fmt(knn), "backbone": name, "params": _params(b["params"] if b else None),
             "compute": _compute(exp, cfg, benchmarks, seeds), "seeds": seeds,
         })

@@ -82,9 +82,9 @@ def agrees(delta: float, reported_std: float | None, reproduced_std: float | Non
 def _columns(paper: str, keys: set[ColumnKey]) -> list[dict[str, Any]]:
     order = LAYOUTS.get(paper, {}).get("columns", [])
     stage_cols = LAYOUTS.get(paper, {}).get("stage_in_columns", False)
-    stages_per = {}
+    stages_of: dict[tuple[str, str], set[str]] = {}  # (split, plain metric) → the stages that measure it
     for st, sp, m in keys:
-        stages_per.setdefault((sp, m), set()).add(st)
+        stages_of.setdefault((sp, base_metric(m)), set()).add(st)
 
     def rank(k: ColumnKey) -> tuple:
         st, sp, m = k
@@ -94,8 +94,7 @@ def _columns(paper: str, keys: set[ColumnKey]) -> list[dict[str, Any]]:
     cols = []
     for st, sp, m in sorted(keys, key=rank):
         label = _label(paper, m)
-        if stage_cols and len({s for (sp2, m2), ss in stages_per.items() if base_metric(m2) == base_metric(m)
-                                and sp2 == sp for s in ss}) > 1:
+        if stage_cols and len(stages_of[(sp, base_metric(m))]) > 1:
             label += f" ({st})"  # the same metric from two stages
         cols.append({"key": (st, sp, m), "stage": st, "split": sp, "metric": m, "label": label,
                      "group": SPLIT_LABELS.get(sp, sp)})
