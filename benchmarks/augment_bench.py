@@ -2,7 +2,8 @@
 
     python benchmarks/augment_bench.py [--threads 2] [--batch 512] [--train-steps 3]
 
-Part 1, per augmentation (SCAN's SimCLR view, SCAN's strong augmentation: 4 of 14 ops + Cutout) and
+Part 1, per augmentation (SCAN's SimCLR view, SCAN's strong augmentation: 4 of 14 ops + Cutout, UNO's
+multicrop: 2 large + 2 small crops per image, ``ncd.data.batched_uno``) and
 dataset shape (digits 8×8 L, CIFAR 32×32 RGB): images/s of the PIL transform (``build_transform``:
 what one DataLoader worker does per image) against the batched path (``ncd.data.batched``,
 ``ncd.data.batched_strong``: parameters drawn from (seed, epoch, index) and applied to a uint8 batch)
@@ -27,6 +28,8 @@ from PIL import Image
 from ncd.data import build_transform
 from ncd.data.batched import apply_views, simclr_views
 from ncd.data.batched_strong import device_views
+from ncd.data.batched_uno import build_uno_views
+from ncd.data.uno import build_uno_transform
 from ncd.data.registry import get_info
 from ncd.data.wrappers import MultiView
 
@@ -56,24 +59,33 @@ def augment_rates(batch: int, repeat: int) -> None:
     print(f"View augmentation, images/s (batch {batch}, median of {repeat}; torch threads {torch.get_num_threads()})")
     print(f"{'augmentation':<14} {'data':<7} {'PIL, 1 process':>15} {'batched, CPU':>13} {'CPU ×':>6} "
           f"{'batched, GPU':>13} {'GPU ×':>7}")
-    for kind in ("simclr", "strong"):
+    for kind in ("simclr", "strong", "uno"):
         for data, ds in (("digits", "digits"), ("cifar", "cifar10")):
             info = get_info(ds, "data")
             imgs = images(data, batch)
-            t = build_transform(kind, info)
-            pil = batch / timed(lambda: [t(im) for im in imgs], max(1, repeat // 2))
             x = torch.stack([torch.from_numpy(np.asarray(im).copy()).reshape(im.size[1], im.size[0], -1).permute(2, 0, 1)
                              for im in imgs])
             keys = torch.stack([torch.zeros(batch, dtype=torch.long), torch.arange(batch)], dim=1)
-            v = device_views(kind, info, seed=0)
-            cpu = batch / timed(lambda: v(x, keys), repeat)
+            if kind == "uno":  # one image's four crops, PIL and batched
+                crops = ["large", "large", "small", "small"]
+                ts = [build_uno_transform(c, info) for c in crops]
+                vs = [build_uno_views(c, info, seed=0, view=k) for k, c in enumerate(crops)]
+                pil = batch / timed(lambda: [[t(im) for t in ts] for im in imgs], max(1, repeat // 2))
+
+                def batched(xx: torch.Tensor, kk: torch.Tensor) -> list[torch.Tensor]:
+                    return [v(xx, kk) for v in vs]
+            else:
+                t = build_transform(kind, info)
+                pil = batch / timed(lambda: [t(im) for im in imgs], max(1, repeat // 2))
+                batched = device_views(kind, info, seed=0)
+            cpu = batch / timed(lambda: batched(x, keys), repeat)
             gpu_s = "-"
             gpu_x = "-"
             if torch.cuda.is_available():
                 xg, kg = x.cuda(), keys.cuda()
-                gpu = batch / timed(lambda: v(xg, kg), repeat)
+                gpu = batch / timed(lambda: batched(xg, kg), repeat)
                 gpu_s, gpu_x = f"{gpu:,.0f}", f"{gpu / pil:,.0f}"
-            label = "SimCLR view" if kind == "simclr" else "SCAN strong"
+            label = {"simclr": "SimCLR view", "strong": "SCAN strong", "uno": "UNO 2+2 crops"}[kind]
             print(f"{label:<14} {data:<7} {pil:>15,.0f} {cpu:>13,.0f} {cpu / pil:>6.1f} {gpu_s:>13} {gpu_x:>7}")
 
 

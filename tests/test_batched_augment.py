@@ -77,12 +77,9 @@ def batched_draws(n: int, height: int, width: int, o: dict, seed: int = 0, epoch
     return v.params(keys, height, width).numpy()
 
 
-def pil_view(img: Image.Image, p: np.ndarray, size: int, o: dict, mean, std) -> torch.Tensor:
-    """Reference: torchvision's PIL ops applied with the parameter row ``p`` (what build_transform's
-    simclr pipeline does once its parameters are drawn)."""
-    jitter = o.get("jitter", (0.4, 0.4, 0.4, 0.1))
-    out = TF.resized_crop(img, int(p[P_TOP]), int(p[P_LEFT]), int(p[P_H]), int(p[P_W]), [size, size],
-                          T.InterpolationMode.BILINEAR)
+def pil_flip_jitter(out: Image.Image, p: np.ndarray, jitter) -> Image.Image:
+    """The flip and the colour jitter of the parameter row ``p`` with torchvision's PIL ops, in the
+    row's order; an operation whose range is off (``jitter[k]`` 0) is skipped, as ColorJitter does."""
     if p[P_FLIP]:
         out = TF.hflip(out)
     if p[P_JITTER]:
@@ -90,6 +87,15 @@ def pil_view(img: Image.Image, p: np.ndarray, size: int, o: dict, mean, std) -> 
         for k in p[P_ORDER].astype(int):
             if jitter[k]:
                 out = fns[k](out, float(p[P_FACTORS][k]))
+    return out
+
+
+def pil_view(img: Image.Image, p: np.ndarray, size: int, o: dict, mean, std) -> torch.Tensor:
+    """Reference: torchvision's PIL ops applied with the parameter row ``p`` (what build_transform's
+    simclr pipeline does once its parameters are drawn)."""
+    out = TF.resized_crop(img, int(p[P_TOP]), int(p[P_LEFT]), int(p[P_H]), int(p[P_W]), [size, size],
+                          T.InterpolationMode.BILINEAR)
+    out = pil_flip_jitter(out, p, o.get("jitter", (0.4, 0.4, 0.4, 0.1)))
     if p[P_GRAY]:
         out = TF.to_grayscale(out, num_output_channels=len(out.getbands()))
     return TF.normalize(TF.to_tensor(out), mean, std)

@@ -10,15 +10,17 @@ onto the training device, for the whole batch at once:
   image's parameters are a function of the seed, the epoch and the sample alone (a resumed run
   draws what an uninterrupted one draws, in any batch, on any device), and they follow the PIL
   transform's distributions (the same algorithms: torchvision's ``get_params`` vectorised);
-* :class:`SimCLRViews` then applies them: one ``grid_sample`` for every image's crop, resize and
-  flip, Kornia's colour functions (``kornia.enhance``) with per-image factors, Kornia's grayscale,
-  normalisation.
+* :class:`SimCLRViews` then applies them: PIL's bilinear resampling of every image's box (crop,
+  resize and flip: two batched products with per-image coefficient matrices, antialiased where a box
+  shrinks), Kornia's colour functions (``kornia.enhance``) with per-image factors, Kornia's
+  grayscale, normalisation.
 
 What Kornia lacks and is written here: its ``ColorJitter`` draws one order of the four colour
 operations per batch, while torchvision draws one per image, so the order is applied slot by slot;
 its parameter generators draw from torch's global generator, not from (seed, epoch, index); and its
-``crop_and_resize`` maps box corners onto the output's corner pixels, while PIL maps pixel edges onto
-pixel edges and clamps to the box, so the crop is one ``grid_sample`` with PIL's conventions. Values
+``crop_and_resize`` maps box corners onto the output's corner pixels and does not widen its filter
+when it shrinks, while PIL maps pixel edges onto pixel edges, keeps to the box and antialiases, so
+the crop is PIL's resampling (``ImagingResample``) written as per-image coefficient matrices. Values
 are rounded to the 8-bit grid after each step, as PIL stores them, so a view agrees with the PIL
 ops applied with the same parameters to within a few grey levels (tests/test_batched_augment.py).
 """
@@ -32,7 +34,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -115,8 +116,10 @@ class SimCLRViews(torch.nn.Module):
     def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float], *,
                  crop_scale: Sequence[float] = (0.2, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
                  flip_p: float = 0.5, jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
-                 grayscale_p: float = 0.2, seed: int = 0, view: int = 0, quantize: bool = True) -> None:
+                 grayscale_p: float = 0.2, seed: int = 0, view: int = 0, quantize: bool = True,
+                 grayscale_first: bool = False) -> None:
         super().__init__()
+        self.grayscale_first = bool(grayscale_first)  # SeLa's ImageNet recipe: RandomGrayscale before ColorJitter
         self.size = int(crop_size)
         self.scale, self.ratio = (float(crop_scale[0]), float(crop_scale[1])), (float(crop_ratio[0]), float(crop_ratio[1]))
         self.flip_p, self.jitter_p, self.grayscale_p = float(flip_p), float(jitter_p), float(grayscale_p)
@@ -171,24 +174,42 @@ class SimCLRViews(torch.nn.Module):
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x * 255.0) / 255.0 if self.quantize else x
 
-    def resized_crop(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Every image's box resized to ``S × S`` and flipped where its flip is set, in one ``grid_sample``.
+    def _resample_weights(self, start: torch.Tensor, length: torch.Tensor, full: int,
+                          flip: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, S, full]``: PIL's bilinear resampling coefficients of each image's box ``[start, start +
+        length)`` onto ``S`` output pixels (``ImagingResample``: output ``u`` centred at ``start + (u + ½)·l/S``,
+        a triangle filter widened by the reduction factor where the box is larger than ``S``, so a
+        shrinking resize is antialiased; only pixels inside the box, weights normalised to 1)."""
+        s = self.size
+        scale = (length / s).view(-1, 1, 1)
+        support = torch.clamp(scale, min=1.0)
+        u = torch.arange(s, device=start.device, dtype=start.dtype).view(1, -1, 1) + 0.5
+        centre = start.view(-1, 1, 1) + u * scale                                   # [B, S, 1]
+        j = torch.arange(full, device=start.device, dtype=start.dtype).view(1, 1, -1)
+        w = torch.clamp(1.0 - (j + 0.5 - centre).abs() / support, min=0.0)
+        inside = (j >= start.view(-1, 1, 1)) & (j < (start + length).view(-1, 1, 1))
+        w = w * inside
+        w = w / w.sum(dim=-1, keepdim=True)
+        if flip is not None:  # a flipped output reads its columns right to left
+            w = torch.where(flip.view(-1, 1, 1) > 0.5, w.flip(1), w)
+        return w
 
-        Bilinear with PIL's conventions: output pixel ``u`` samples the box at ``left + (u + ½)·w/S``
-        (pixel edges onto pixel edges), and samples are clamped to the box's own border pixels, as a
-        crop followed by a resize clamps to the crop (not to the image around it). Shrinking a box
-        is not antialiased here (PIL's is): a difference where boxes are larger than ``S``."""
-        b, _, hh, ww = x.shape
+    def resized_crop(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Every image's box resized to ``S × S`` and flipped where its flip is set: PIL's two separable
+        passes (horizontal, then vertical, each rounded to the 8-bit grid as PIL stores it), as two
+        batched products with per-image coefficient matrices (:meth:`_resample_weights`)."""
+        _, _, hh, ww = x.shape
+        # float32 coefficients: a position error of ~1e-5 pixel, far below the 8-bit grid
         p = params.to(device=x.device, dtype=torch.float32)
-        top, left, h, w, flip = p[:, P_TOP, None], p[:, P_LEFT, None], p[:, P_H, None], p[:, P_W, None], p[:, P_FLIP, None]
-        u = torch.arange(self.size, device=x.device, dtype=torch.float32)[None] + 0.5
-        ux = torch.where(flip > 0.5, self.size - u, u)  # a flipped output reads its columns right to left
-        xs = torch.minimum(torch.maximum(left + ux * w / self.size - 0.5, left), left + w - 1)
-        ys = torch.minimum(torch.maximum(top + u * h / self.size - 0.5, top), top + h - 1)
-        gx = ((2 * xs + 1) / ww - 1)[:, None, :].expand(b, self.size, self.size)
-        gy = ((2 * ys + 1) / hh - 1)[:, :, None].expand(b, self.size, self.size)
-        grid = torch.stack([gx, gy], dim=-1)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        wx = self._resample_weights(p[:, P_LEFT], p[:, P_W], ww, p[:, P_FLIP]).to(x.dtype)
+        wy = self._resample_weights(p[:, P_TOP], p[:, P_H], hh).to(x.dtype)
+        x = self._q_half_up(torch.matmul(x, wx.transpose(1, 2)[:, None]))  # [B, C, H, S]
+        return self._q_half_up(torch.matmul(wy[:, None], x))                # [B, C, S, S]
+
+    def _q_half_up(self, x: torch.Tensor) -> torch.Tensor:
+        # PIL's fixed-point resampling rounds halves up (torch.round rounds them to even); the small
+        # offset keeps a sum that float arithmetic puts a hair under a half on PIL's side of it
+        return torch.floor(x * 255.0 + (0.5 + 1e-4)) / 255.0 if self.quantize else x
 
     def color(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Colour jitter with each image's own order and factors, without gathering images: in each of
@@ -250,9 +271,11 @@ class SimCLRViews(torch.nn.Module):
             raise NcdError(f"batched augmentation takes a uint8 batch [B, C, H, W], got {images.dtype} "
                            f"{list(images.shape)}")
         x = images.float().div_(255.0)
-        x = self._q(self.resized_crop(x, params))
-        x = self.color(x, params)
-        x = self.grayscale(x, params)
+        x = self.resized_crop(x, params)
+        if self.grayscale_first:
+            x = self.color(self.grayscale(x, params), params)
+        else:
+            x = self.grayscale(self.color(x, params), params)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def forward(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -321,6 +344,44 @@ def apply_views(views: Sequence[SimCLRViews], item: dict[str, torch.Tensor]) -> 
     if images.dtype != torch.uint8:
         raise NcdError(f"batched augmentation takes uint8 images, got {images.dtype}")
     return torch.stack([v(images, keys) for v in views], dim=1)
+
+
+def make_views(views: torch.nn.Module | Sequence[torch.nn.Module], item: dict[str, torch.Tensor],
+               layout: str = "stack") -> torch.Tensor | list[torch.Tensor]:
+    """A collated :class:`RawImages` batch through ``views``, laid out as the PIL path's loader hands
+    it over: ``stack`` → ``[B, V, C, S, S]`` (``MultiView``), ``single`` (one view) → ``[B, C, S, S]``
+    (``Transformed``), ``list`` → one ``[B, C, S_v, S_v]`` per view (UNO's crops of several sizes)."""
+    images = item["image"]  # each view module refuses what is not a uint8 batch
+    if isinstance(views, torch.nn.Module):
+        views = (views,)
+    if layout == "stack":
+        return apply_views(views, item)
+    if layout == "list":
+        return [v(images, item["key"]) for v in views]
+    if layout == "single" and len(views) == 1:
+        return views[0](images, item["key"])
+    raise NcdError(f"view layout {layout!r} with {len(views)} views; expected 'stack', 'list' or 'single' (one view)")
+
+
+class DeviceAugment:
+    """LightningModule mixin of ``augment.backend: batched``: with ``self.views`` set (a tuple of view
+    modules: a tuple, so they are not registered as submodules), a training batch whose first element
+    is a :class:`RawImages` item is turned into its views, laid out as ``view_layout`` says
+    (:func:`make_views`), once it is on the training device. Validation batches (already tensors)
+    pass unchanged."""
+
+    views: tuple[torch.nn.Module, ...] | None = None
+    view_layout: str = "stack"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.views is not None and isinstance(batch[0], dict):
+            return (make_views(self.views, batch[0], self.view_layout), *batch[1:])
+        return batch
+
+
+def augment_backend(cfg: dict[str, Any]) -> str:
+    """The experiment's ``augment.backend`` (``pil`` when unset)."""
+    return str((cfg.get("augment") or {}).get("backend", "pil"))
 
 
 def view_options(kind: str, overrides: dict[str, Any]) -> dict[str, Any]:
