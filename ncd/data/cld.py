@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ncd.data.batched import SimCLRViews
 from ncd.data.registry import CIFAR10_MEAN, CIFAR10_STD, DatasetInfo
 from ncd.data.transforms import GaussianBlur
 from ncd.data.wrappers import MultiView
@@ -102,6 +103,28 @@ def build_cld_transform(kind: str, info: DatasetInfo, **overrides: Any) -> Calla
     return T.Compose([t for t in steps if t is not None])
 
 
+def build_cld_views(kind: str, info: DatasetInfo, seed: int = 0, view: int = 0, **overrides: Any) -> SimCLRViews:
+    """The batched counterpart (``augment.backend: batched``, :mod:`ncd.data.batched`) of
+    ``build_cld_transform(kind, info, **overrides)``, drawing from ``(seed, epoch, index, view)``:
+    ``npid``, and ``mocov2`` without its blur and erasing (``blur_p: 0``); the other kinds have no
+    batched path. The flip comes first there and last here: it commutes with the colour operations."""
+    check_options(overrides, _DEFAULTS, f"CLD augmentation {kind!r}")
+    o = {**_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    if kind not in ("npid", "mocov2"):
+        raise NcdError(f"CLD augmentation {kind!r} has no batched path; expected 'npid' or 'mocov2' with "
+                       "augment.backend: batched, or backend: pil")
+    if kind == "mocov2" and (o["blur_p"] is None or o["blur_p"] > 0 or o["erasing"]):
+        raise NcdError(f"CLD augmentation 'mocov2' with blur_p {o['blur_p']} / erasing {o['erasing']} has no "
+                       "batched path (no Gaussian blur or random erasing there); expected blur_p: 0 and "
+                       "erasing: false, or augment.backend: pil")
+    jitter = o["jitter"] or ((0.4, 0.4, 0.4, 0.4) if kind == "npid" else (0.4, 0.4, 0.4, 0.1))
+    jitter_p = o["jitter_p"] if o["jitter_p"] is not None else (1.0 if kind == "npid" else 0.8)
+    mean, std = cld_normalization(info)
+    return SimCLRViews(int(o["crop_size"] or info.crop_size), mean, std, crop_scale=tuple(o["crop_scale"]),
+                       flip_p=o["flip_p"], jitter=jitter, jitter_p=jitter_p, grayscale_p=o["grayscale_p"],
+                       seed=seed, view=view)
+
+
 def _apply(step: Callable, p: float) -> Callable | None:
     """``step`` with probability ``p``: left out at 0 and applied always at 1, so that a disabled
     step costs no random draw (8×8 digits spend most of their time in such draws)."""
@@ -164,5 +187,5 @@ class CLDViews(MultiView):
         return (self.views(img), self.jigsaw(img)), target, i
 
 
-__all__ = ["KINDS", "CLDViews", "JigsawCrop", "PILGaussianBlur", "build_cld_transform", "build_jigsaw_transform",
+__all__ = ["KINDS", "CLDViews", "JigsawCrop", "PILGaussianBlur", "build_cld_transform", "build_cld_views", "build_jigsaw_transform",
            "cld_normalization"]

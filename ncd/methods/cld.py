@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 from ncd.checkpoint import save_model
 from ncd.data import build_dataset, get_info
-from ncd.data.cld import CLDViews, build_cld_transform, build_jigsaw_transform
+from ncd.data.batched import DeviceAugment, RawImages, augment_backend
+from ncd.data.cld import CLDViews, build_cld_transform, build_cld_views, build_jigsaw_transform
 from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
 from ncd.eval.knn import weighted_knn
@@ -141,7 +142,7 @@ class KnnSplits(Dataset):
         return img, y, i
 
 
-class CLDModule(L.LightningModule):
+class CLDModule(DeviceAugment, L.LightningModule):
     """``loss = instance + λ · CLD`` for one of the instance branches of :data:`INSTANCES`.
 
     NPID: two views, full-softmax memory bank (``memory`` ``[N, d]``, uniform in [−s, s],
@@ -471,9 +472,19 @@ def run_cld(ctx: RunContext, out: Path) -> None:
     instance = sc["instance"]
     views = check_views(instance, sc.get("views"), float(sc["lambda"]))
     model, arch = build_model(ctx, info)
-    aug = build_cld_transform(sc["augmentation"], info, **sc.get("augment", {}))
-    jigsaw = build_jigsaw_transform(info) if instance == "infomin" else None
-    ds = CLDViews(build_dataset(dataset, ctx.data_root, info.train_split), [aug] * views, jigsaw)
+    backend = augment_backend(ctx.cfg)
+    device_views = None
+    if backend == "batched":
+        if instance == "infomin":
+            raise NcdError("cld.instance 'infomin' (jigsaw patches) has no batched augmentation; expected "
+                           "augment.backend: pil, or instance 'npid' / 'mocov2'")
+        device_views = tuple(build_cld_views(sc["augmentation"], info, seed=ctx.seed, view=k, **sc.get("augment", {}))
+                             for k in range(views))
+        ds = RawImages(build_dataset(dataset, ctx.data_root, info.train_split))
+    else:
+        aug = build_cld_transform(sc["augmentation"], info, **sc.get("augment", {}))
+        jigsaw = build_jigsaw_transform(info) if instance == "infomin" else None
+        ds = CLDViews(build_dataset(dataset, ctx.data_root, info.train_split), [aug] * views, jigsaw)
     bs = int(sc["batch_size"])
     val_loader, n_knn, knn_labels = None, 0, None
     if int(sc["knn_every"]) > 0:
@@ -489,9 +500,11 @@ def run_cld(ctx: RunContext, out: Path) -> None:
                                  int(sc.get("eval_batch_size", 512)), ctx, train=False)
     module = CLDModule(model, sc, len(ds), info.num_classes, n_knn, int(ctx.cfg.get("evaluate", {}).get("knn_k", 200)),
                        knn_train_labels=knn_labels)
+    module.views = device_views
     drop_last = train_drop_last(instance, sc.get("drop_last"))
-    log.info("CLD (%s, λ = %g) on %s: %d images, %d views, backbone %s, %d epochs, drop_last %s", instance,
-             float(sc["lambda"]), dataset, len(ds), views, ctx.cfg["backbone"], sc["epochs"], drop_last)
+    log.info("CLD (%s, λ = %g) on %s: %d images, %d views, backbone %s, %d epochs, drop_last %s, %s augmentation",
+             instance, float(sc["lambda"]), dataset, len(ds), views, ctx.cfg["backbone"], sc["epochs"], drop_last,
+             backend)
     fit(module, make_loader(ds, bs, ctx, train=True, drop_last=drop_last), ctx, int(sc["epochs"]), val_loader)
     nan = int(module.nan_steps)
     if nan:

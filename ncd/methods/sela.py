@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from ncd.checkpoint import save_model
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import DeviceAugment, RawImages, augment_backend
 from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
 from ncd.eval.knn import weighted_knn
@@ -38,7 +39,7 @@ from ncd.methods.common import (
     make_loader,
     single_device,
 )
-from ncd.methods.sela_eval import _knn_features, _transform
+from ncd.methods.sela_eval import _knn_features, _transform, _views
 from ncd.methods.training import fit
 from ncd.models import build_backbone
 from ncd.models.sela import SeLaModel
@@ -76,7 +77,7 @@ def initial_labels(num_heads: int, n: int, k: int, seed: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ module
-class SeLaModule(L.LightningModule):
+class SeLaModule(DeviceAugment, L.LightningModule):
     """Mean over heads of the cross-entropy against the label matrix; the label step fires from
     ``on_train_batch_start`` on the schedule of :func:`label_step_times`.
 
@@ -92,7 +93,13 @@ class SeLaModule(L.LightningModule):
     (``knn_best*``), so they travel in last.ckpt and a resumed run keeps them. ``num_classes`` is the
     kNN's class count (0: the largest train label + 1, as cifar_utils.kNN), ``knn_pca`` the PCA of
     the value reported for the best epoch.
+
+    With ``augment.backend: batched`` both loaders hand over uint8 images: ``views`` (one) makes the
+    training view, ``label_views`` the label pass's, keyed by the label step's number in place of the
+    epoch (each pass draws afresh, and a resumed run draws what an uninterrupted one does).
     """
+
+    view_layout = "single"
 
     def __init__(self, model: SeLaModel, cfg: dict[str, Any], label_loader: DataLoader, batch_size: int, *,
                  num_classes: int = 0, knn_pca: int = 0) -> None:
@@ -106,6 +113,7 @@ class SeLaModule(L.LightningModule):
         self.register_buffer("loss_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("loss_epoch", torch.full((), -1, dtype=torch.long))  # the epoch loss_sum belongs to
         self.label_log: list[dict[str, Any]] = []
+        self.label_views: torch.nn.Module | None = None
         self.num_classes, self.knn_pca = int(num_classes), int(knn_pca)
         # the kNN monitor's best epoch: its selection value (no PCA), the reported value (after knn_pca), the epoch
         self.register_buffer("knn_best_select", torch.full((), -1.0, dtype=torch.float64))
@@ -124,6 +132,10 @@ class SeLaModule(L.LightningModule):
         # the official pass runs in train mode (BatchNorm batch statistics, dropout on); "eval" is the alternative
         self.model.train(self.cfg["label_pass_mode"] == "train")
         for x, _, idx in self.label_loader:
+            if isinstance(x, dict):  # augment.backend batched
+                key = x["key"].clone()
+                key[:, 0] = int(self.steps_done)
+                x = self.label_views(x["image"].to(self.device, non_blocking=True), key.to(self.device))
             feats[idx] = self.model.backbone(x.to(self.device, non_blocking=True)).float().cpu()
         self.model.train(was_training)
         return feats
@@ -301,7 +313,8 @@ def run_sela(ctx: RunContext, out: Path) -> None:
     model = SeLaModel(backbone, dim, arch["num_heads"], arch["num_clusters"], n, head_init=arch["head_init"])
     model.labels.copy_(initial_labels(arch["num_heads"], n, arch["num_clusters"], ctx.seed))
     plan = label_step_plan(n, arch["num_clusters"], float(sc["label_step"]["memory_mb"]), sc["label_step"]["storage"], dim)
-    ds = Transformed(base, _transform(ctx, info, "train"))
+    backend = augment_backend(ctx.cfg)
+    ds = RawImages(base) if backend == "batched" else Transformed(base, _transform(ctx, info, "train"))
     bs, drop_last = int(sc["batch_size"]), bool(sc["drop_last"])
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_bn and not drop_last:
@@ -311,6 +324,9 @@ def run_sela(ctx: RunContext, out: Path) -> None:
     mon = sc["knn_monitor"]
     module = SeLaModule(model, sc, label_loader(ds, ctx), bs, num_classes=info.num_classes,
                         knn_pca=int(sc.get("knn_pca", 0)))
+    if backend == "batched":
+        module.views = (_views(ctx, info, 0),)
+        object.__setattr__(module, "label_views", _views(ctx, info, 1))  # not a submodule: no state
     # official loaders keep the last partial batch (ceil(N / B) steps per epoch; CIFAR-10 at 128: 391), and the
     # label schedule counts every one of them (niter = epoch * len(loader) + iter)
     train_loader = make_loader(ds, bs, ctx, train=True, drop_last=drop_last)
@@ -321,10 +337,10 @@ def run_sela(ctx: RunContext, out: Path) -> None:
         val = [make_loader(Transformed(base, tf), int(mon["batch_size"]), ctx, train=False),
                make_loader(Transformed(test, tf), int(mon["batch_size"]), ctx, train=False)]
     log.info("SeLa on %s: %d images, %d heads x %d clusters, %d epochs of %d steps, %d label steps (%s, relabel %s; "
-             "label pass batch %d); label step storage %s, about %.0f MB; kNN monitor %s", dataset, n,
+             "label pass batch %d); label step storage %s, about %.0f MB; kNN monitor %s; %s augmentation", dataset, n,
              arch["num_heads"], arch["num_clusters"], sc["epochs"], len(train_loader), len(module.times),
              sc["label_schedule"], sc["relabel"], label_batch_size(sc), plan["storage"], plan["bytes"] / 2**20,
-             "on" if val else "off")
+             "on" if val else "off", backend)
     with warnings.catch_warnings():  # without the monitor, Lightning notes the unused validation_step
         warnings.filterwarnings("ignore", message=r".*validation_step.*no `val_dataloader`")
         fit(module, train_loader, ctx, int(sc["epochs"]), val)

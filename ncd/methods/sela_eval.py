@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torchvision import transforms as T
 
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import SimCLRViews
 from ncd.errors import NcdError
 from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.knn import weighted_knn
@@ -31,6 +32,15 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _preset_options(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    if preset not in AUGMENT_PRESETS:
+        raise NcdError(f"unknown SeLa augment preset {preset!r}; expected one of {', '.join(AUGMENT_PRESETS)}")
+    unknown = sorted(set(overrides) - set(AUGMENT_PRESETS[preset]))
+    if unknown:
+        raise NcdError(f"unknown SeLa augment option(s) {', '.join(unknown)}; expected: {', '.join(AUGMENT_PRESETS[preset])}")
+    return {**AUGMENT_PRESETS[preset], **overrides}
+
+
 def sela_transform(kind: str, info, preset: str = "imagenet", **overrides: Any):
     """SeLa's ``train`` or ``val`` transform for ``info``'s images (preset + overrides).
 
@@ -38,12 +48,7 @@ def sela_transform(kind: str, info, preset: str = "imagenet", **overrides: Any):
     (order by ``grayscale_first``) → horizontal flip → ToTensor → Normalize(dataset mean/std).
     val: [Resize(eval_resize)] → CenterCrop(crop_size) → ToTensor → Normalize.
     """
-    if preset not in AUGMENT_PRESETS:
-        raise NcdError(f"unknown SeLa augment preset {preset!r}; expected one of {', '.join(AUGMENT_PRESETS)}")
-    unknown = sorted(set(overrides) - set(AUGMENT_PRESETS[preset]))
-    if unknown:
-        raise NcdError(f"unknown SeLa augment option(s) {', '.join(unknown)}; expected: {', '.join(AUGMENT_PRESETS[preset])}")
-    o = {**AUGMENT_PRESETS[preset], **overrides}
+    o = _preset_options(preset, overrides)
     crop = int(o["crop_size"] or info.crop_size)
     norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
     if kind == "val":
@@ -61,9 +66,31 @@ def sela_transform(kind: str, info, preset: str = "imagenet", **overrides: Any):
     ])
 
 
-def _transform(ctx: RunContext, info, kind: str):
+def sela_views(info, preset: str = "imagenet", seed: int = 0, view: int = 0, **overrides: Any):
+    """The batched counterpart (``augment.backend: batched``) of ``sela_transform("train", info, preset,
+    **overrides)``, drawing from ``(seed, epoch, index, view)``; no resize first (``resize: 0``)."""
+    o = _preset_options(preset, overrides)
+    if o["resize"]:
+        raise NcdError(f"augment.backend 'batched' does not resize first (sela.augment.resize: {o['resize']}); "
+                       "expected resize: 0, or backend: pil")
+    return SimCLRViews(int(o["crop_size"] or info.crop_size), info.mean, info.std, crop_scale=tuple(o["crop_scale"]),
+                       flip_p=o["flip_p"], jitter=o["jitter"], jitter_p=o["jitter_p"], grayscale_p=o["grayscale_p"],
+                       grayscale_first=bool(o["grayscale_first"]), seed=seed, view=view)
+
+
+def _augment(ctx: RunContext) -> tuple[str, dict[str, Any]]:
+    """The experiment's ``sela.augment``: its preset and its overrides."""
     aug = dict(ctx.cfg["sela"].get("augment", {}))
-    preset = aug.pop("preset", "imagenet")
+    return aug.pop("preset", "imagenet"), aug
+
+
+def _views(ctx: RunContext, info, view: int):
+    preset, aug = _augment(ctx)
+    return sela_views(info, preset, seed=ctx.seed, view=view, **aug)
+
+
+def _transform(ctx: RunContext, info, kind: str):
+    preset, aug = _augment(ctx)
     return sela_transform(kind, info, preset, **aug)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ncd.checkpoint import save_model
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import DeviceAugment, RawImages, augment_backend, simclr_views
 from ncd.data.wrappers import MultiView, Transformed
 from ncd.losses import anchor_neighbourhoods, memory_bank_update, super_and_loss
 from ncd.methods.common import RunContext, build_optimizer, finish, make_loader, single_device
@@ -46,6 +47,23 @@ def train_transform(ctx: RunContext, info, augment: dict[str, Any] | None):
     return _renormalize(t, ctx.cfg.get("superand", {}).get("normalize"))
 
 
+def train_views(ctx: RunContext, info, base, augment: dict[str, Any] | None) -> tuple[Any, tuple | None]:
+    """The training items of Super-AND and stage 2, two views per image: ``MultiView`` of
+    :func:`train_transform` (``augment.backend: pil``), or uint8 images and the two batched views
+    that make the same augmentation on the training device (``batched``)."""
+    if augment_backend(ctx.cfg) != "batched":
+        t = train_transform(ctx, info, augment)
+        return MultiView(base, [t, t]), None
+    options = {**ctx.cfg.get("transform", {}), **SAND_AUGMENT, **(augment or {})}
+    views = tuple(simclr_views(info, seed=ctx.seed, view=k, **options) for k in range(2))
+    norm = ctx.cfg.get("superand", {}).get("normalize")
+    if norm and norm.get("mean") is not None:  # as _renormalize does to the PIL transform
+        for v in views:
+            v.mean = torch.tensor(list(norm["mean"]), dtype=torch.float32).view(1, -1, 1, 1)
+            v.std = torch.tensor(list(norm["std"]), dtype=torch.float32).view(1, -1, 1, 1)
+    return RawImages(base), views
+
+
 def build_encoder(ctx: RunContext, info, low_dim: int) -> ResNet18withSobel:
     return ResNet18withSobel(low_dim, info.channels, ctx.cfg["backbone"], dict(ctx.cfg.get("backbone_kwargs", {})))
 
@@ -68,7 +86,7 @@ def lr_schedule(opt: torch.optim.Optimizer, sched: dict[str, Any], period: int |
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, start, every, gamma))
 
 
-class SuperANDModule(L.LightningModule):
+class SuperANDModule(DeviceAugment, L.LightningModule):
     """``rounds × epochs`` epochs; round r starts (r ≥ 1) with a new anchor discovery on the memory."""
 
     def __init__(self, model: SuperANDModel, cfg: dict[str, Any], train_labels: torch.Tensor, num_classes: int) -> None:
@@ -182,15 +200,15 @@ def run_superand(ctx: RunContext, out: Path) -> None:
     single_device(ctx, "Super-AND keeps one memory bank per process")
     split = stage1_split(ctx.cfg, info)
     base = build_dataset(dataset, ctx.data_root, split)
-    t = train_transform(ctx, info, sc.get("augment"))
-    ds = MultiView(base, [t, t])
+    ds, views = train_views(ctx, info, base, sc.get("augment"))
     low_dim = int(sc.get("low_dim", 128))
     model = SuperANDModel(build_encoder(ctx, info, low_dim), len(ds))
     test = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), eval_transform(ctx, info))
     module = SuperANDModule(model, sc, torch.as_tensor(base.targets), info.num_classes)
+    module.views = views
     rounds, epochs = int(sc["rounds"]), int(sc["epochs"])
-    log.info("Super-AND on %s/%s: %d images, backbone %s with Sobel, %d rounds x %d epochs", dataset, split,
-             len(ds), ctx.cfg["backbone"], rounds, epochs)
+    log.info("Super-AND on %s/%s: %d images, backbone %s with Sobel, %d rounds x %d epochs, %s augmentation",
+             dataset, split, len(ds), ctx.cfg["backbone"], rounds, epochs, augment_backend(ctx.cfg))
     fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, rounds * epochs,
         val_loader=make_loader(test, int(sc.get("eval_batch_size", 100)), ctx, train=False))
     arch = {"kind": "superand", **encoder_arch(ctx, info, low_dim), "memory_size": len(ds), "split": split}

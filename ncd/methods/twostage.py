@@ -21,11 +21,11 @@ import torch
 
 from ncd.checkpoint import load_model, load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
-from ncd.data.wrappers import MultiView
+from ncd.data.batched import DeviceAugment, augment_backend
 from ncd.errors import NcdError
 from ncd.losses import twostage_loss
 from ncd.methods.common import RunContext, build_optimizer, finish, make_loader, single_device
-from ncd.methods.superand import build_encoder, encoder_arch, lr_schedule, train_transform
+from ncd.methods.superand import build_encoder, encoder_arch, lr_schedule, train_views
 from ncd.methods.training import fit
 from ncd.methods.twostage_eval import stage2_split
 from ncd.models.sobel import TwoStageModel
@@ -33,7 +33,7 @@ from ncd.models.sobel import TwoStageModel
 log = logging.getLogger("ncd")
 
 
-class TwoStageModule(L.LightningModule):
+class TwoStageModule(DeviceAugment, L.LightningModule):
     """IIC over the fixed heads + L_cp; tracks the epoch with the lowest mean training loss.
 
     The per-epoch sums are buffers tagged with their epoch and an epoch is closed at the start of
@@ -123,12 +123,12 @@ def run_twostage(ctx: RunContext, embed_ckpt: Path | None, out: Path) -> None:
     num_classes = int(sc.get("num_classes", 0)) or info.num_classes
     model = TwoStageModel(encoder, num_classes, int(sc["num_heads"]), float(sc.get("head_temperature", 0.1)),
                           sc.get("normalize", "row"))
-    t = train_transform(ctx, info, sc.get("augment"))
     split = stage2_split(ctx, info)
-    ds = MultiView(build_dataset(dataset, ctx.data_root, split), [t, t])
+    ds, views = train_views(ctx, info, build_dataset(dataset, ctx.data_root, split), sc.get("augment"))
     module = TwoStageModule(model, sc)
-    log.info("two-stage stage 2 on %s/%s: %d images, %d heads x %d classes, init %s, %d epochs", dataset,
-             split, len(ds), int(sc["num_heads"]), num_classes, init, sc["epochs"])
+    module.views = views
+    log.info("two-stage stage 2 on %s/%s: %d images, %d heads x %d classes, init %s, %d epochs, %s augmentation",
+             dataset, split, len(ds), int(sc["num_heads"]), num_classes, init, sc["epochs"], augment_backend(ctx.cfg))
     fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
     module.close()
     best = module.best

@@ -62,6 +62,9 @@ def config() -> dict:
     for stage, over in SHRINK.items():
         exp = cfg["experiments"][EXPERIMENT[STAGES[stage].method]]
         exp[stage] = {**exp.get(stage, {}), **over}
+    # MoCo v2's augmentation has a Gaussian blur, which only the PIL path makes (UNO keeps the default's
+    # batched views: both backends run under DDP here)
+    cfg["experiments"]["cld_digits"]["augment"] = {"backend": "pil"}
     for name, exp in cfg["experiments"].items():
         exp["runtime"] = {**exp.get("runtime", {}), "accelerator": "cpu", "devices": 2, "threads": 1,
                           "signal_sync_every": 1, "sync_batchnorm": name != "cld_digits"}
