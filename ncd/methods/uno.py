@@ -14,12 +14,14 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ncd.checkpoint import load_model, save_model
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import DeviceAugment, augment_backend
+from ncd.data.batched_uno import build_uno_views
 from ncd.data.uno import build_uno_transform
 from ncd.errors import NcdError
 from ncd.losses import uno_loss
 from ncd.methods.common import RunContext, base_arch, build_optimizer, build_scheduler, complete, make_loader
 from ncd.methods.training import fit
-from ncd.methods.uno_eval import Relabeled, resolve_split
+from ncd.methods.uno_eval import RawRelabeled, Relabeled, resolve_split
 from ncd.models import build_backbone
 from ncd.models.uno import MultiHeadModel
 
@@ -43,6 +45,14 @@ class Paired(Dataset):
     def __getitem__(self, i: int):
         return self.labeled[i % len(self.labeled)], self.unlabeled[i % len(self.unlabeled)]
 
+    def keyed_item(self, epoch: int, i: int):
+        """The pair of keyed items (``augment.backend: batched``: :class:`RawRelabeled` subsets, each item
+        keyed by its own image); PIL subsets draw from the generators SeededItems seeded instead."""
+        if not hasattr(self.labeled, "keyed_item"):
+            return self[i]
+        return (self.labeled.keyed_item(epoch, i % len(self.labeled)),
+                self.unlabeled.keyed_item(epoch, i % len(self.unlabeled)))
+
 
 def collate_paired(items: list) -> tuple:
     """A batch of n :class:`Paired` items → one batch of 2n rows, the n labeled rows first: per crop
@@ -51,8 +61,12 @@ def collate_paired(items: list) -> tuple:
     column is each row's index within its own subset (known or novel)."""
     lab = default_collate([a for a, _ in items])
     unlab = default_collate([b for _, b in items])
-    views = (torch.cat([lab[0], unlab[0]]) if isinstance(lab[0], torch.Tensor)
-             else [torch.cat([vl, vu]) for vl, vu in zip(lab[0], unlab[0])])
+    if isinstance(lab[0], dict):  # augment.backend batched: uint8 images and keys, views made on the device
+        views = {k: torch.cat([lab[0][k], unlab[0][k]]) for k in lab[0]}
+    elif isinstance(lab[0], torch.Tensor):
+        views = torch.cat([lab[0], unlab[0]])
+    else:
+        views = [torch.cat([vl, vu]) for vl, vu in zip(lab[0], unlab[0])]
     return views, torch.cat([lab[1], unlab[1]]), torch.cat([lab[2], unlab[2]])
 
 
@@ -76,8 +90,10 @@ def _optim(module: L.LightningModule, cfg: dict[str, Any]):
     return opt if sched is None else {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-class UNOPretrain(L.LightningModule):
+class UNOPretrain(DeviceAugment, L.LightningModule):
     """Cross-entropy on the labeled head, cosine logits / T, mean over the views (UNO 3.3)."""
+
+    view_layout = "list"  # crops of two sizes: one tensor per crop, as the PIL path's loader
 
     def __init__(self, model: MultiHeadModel, cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -97,11 +113,13 @@ class UNOPretrain(L.LightningModule):
         return _optim(self, self.cfg)
 
 
-class UNODiscover(L.LightningModule):
+class UNODiscover(DeviceAugment, L.LightningModule):
     """The unified objective; the best head is the one with the smallest summed cluster loss
     over the (last) training epoch. A batch is ``(views, targets, index)`` from either batching:
     paired batches arrive already concatenated (labeled rows first) by :func:`collate_paired`, and
     ``uno_loss`` runs Sinkhorn on the rows whose target is a novel class only."""
+
+    view_layout = "list"
 
     def __init__(self, model: MultiHeadModel, cfg: dict[str, Any], num_labeled: int) -> None:
         super().__init__()
@@ -137,9 +155,21 @@ def _encoder(ctx: RunContext, info) -> tuple[torch.nn.Module, int]:
 
 
 def _transforms(ctx: RunContext, info, cfg: dict[str, Any], small: int) -> list:
+    """Two large crops and ``small`` small ones: PIL transforms, or with ``augment.backend: batched`` the
+    view modules that make them on the training device (one per crop, each its own draws)."""
     aug = cfg.get("augment", {})
+    if augment_backend(ctx.cfg) == "batched":
+        kinds = ["large", "large"] + ["small"] * small
+        return [build_uno_views(k, info, seed=ctx.seed, view=v, **aug) for v, k in enumerate(kinds)]
     large = build_uno_transform("large", info, **aug)
     return [large, large] + [build_uno_transform("small", info, **aug)] * small
+
+
+def _relabeled(ctx: RunContext, base: Dataset, known: list[int], novel: list[int], transforms: list,
+               classes: str = "all") -> Relabeled:
+    if augment_backend(ctx.cfg) == "batched":
+        return RawRelabeled(base, known, novel, classes)
+    return Relabeled(base, known, novel, transforms, classes=classes)
 
 
 def uno_arch(ctx: RunContext, info, dim: int, nlc: int, nuc: int, cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -158,10 +188,14 @@ def run_pretrain_supervised(ctx: RunContext, out: Path) -> None:
     known, novel = resolve_split(ctx.cfg, ctx.data_root)
     backbone, dim = _encoder(ctx, info)
     model = MultiHeadModel(backbone, dim, len(known))
-    ds = Relabeled(build_dataset(dataset, ctx.data_root, info.train_split), known, novel,
-                   _transforms(ctx, info, sc, 0), classes="known")
-    log.info("UNO pretraining on %d known classes of %s: %d images, %d epochs", len(known), dataset, len(ds), sc["epochs"])
-    fit(UNOPretrain(model, sc), make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
+    transforms = _transforms(ctx, info, sc, 0)
+    ds = _relabeled(ctx, build_dataset(dataset, ctx.data_root, info.train_split), known, novel, transforms, "known")
+    module = UNOPretrain(model, sc)
+    if augment_backend(ctx.cfg) == "batched":
+        module.views = tuple(transforms)
+    log.info("UNO pretraining on %d known classes of %s: %d images, %d epochs, %s augmentation", len(known), dataset,
+             len(ds), sc["epochs"], augment_backend(ctx.cfg))
+    fit(module, make_loader(ds, int(sc["batch_size"]), ctx, train=True), ctx, int(sc["epochs"]))
     model.normalize_prototypes()
     complete(ctx, lambda: save_model(out, model.state_dict(), uno_arch(ctx, info, dim, len(known), len(novel), None),
                                      ctx.meta(known=known, novel=novel)))
@@ -180,13 +214,13 @@ def discover_loader(ctx: RunContext, base: Dataset, known: list[int], novel: lis
     sc = ctx.stage_cfg
     bs = int(sc["batch_size"])
     if resolve_batching(ctx.cfg["dataset"], sc.get("batching", "auto")) == "mixed":
-        ds = Relabeled(base, known, novel, transforms)
+        ds = _relabeled(ctx, base, known, novel, transforms)
         return make_loader(ds, bs, ctx, train=True), f"mixed batches of {bs} from {len(ds)} images"
     if bs < 2:
         raise NcdError(f"discover.batch_size {bs} is too small for paired batches (half known, half novel); "
                        f"expected at least 2")
-    lab = Relabeled(base, known, novel, transforms, classes="known")
-    unlab = Relabeled(base, known, novel, transforms, classes="novel")
+    lab = _relabeled(ctx, base, known, novel, transforms, "known")
+    unlab = _relabeled(ctx, base, known, novel, transforms, "novel")
     loader = make_loader(Paired(lab, unlab), bs // 2, ctx, train=True)
     # a public DataLoader attribute, settable after construction (the loader is not rebuilt under DDP:
     # its EpochSampler already shards the pairs over the ranks)
@@ -214,11 +248,15 @@ def run_discover(ctx: RunContext, pretrain_ckpt: Path, out: Path) -> None:
         raise NcdError(f"UNO pretraining checkpoint {pretrain_ckpt} does not fit: missing "
                        f"{[k for k in result.missing_keys if 'unlab' not in k][:3]}, unexpected {result.unexpected_keys[:3]}")
     small = int(sc.get("num_small_crops", 2)) if sc.get("multicrop", False) else 0
+    transforms = _transforms(ctx, info, sc, small)
     loader, batches = discover_loader(ctx, build_dataset(dataset, ctx.data_root, info.train_split), known, novel,
-                                      _transforms(ctx, info, sc, small))
+                                      transforms)
     module = UNODiscover(model, sc, len(known))
-    log.info("UNO discovery on %s: %d known + %d novel classes, %s, %d heads, %d small crops, %d epochs",
-             dataset, len(known), len(novel), batches, arch["num_heads"], small, sc["epochs"])
+    if augment_backend(ctx.cfg) == "batched":
+        module.views = tuple(transforms)
+    log.info("UNO discovery on %s: %d known + %d novel classes, %s, %d heads, %d small crops, %d epochs, %s "
+             "augmentation", dataset, len(known), len(novel), batches, arch["num_heads"], small, sc["epochs"],
+             augment_backend(ctx.cfg))
     trainer = fit(module, loader, ctx, int(sc["epochs"]))
     # every rank summed the loss of its own share of the epoch: the head is chosen on the total
     local = module.loss_per_head.clone()

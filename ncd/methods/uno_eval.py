@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from ncd.data import build_dataset, get_info
@@ -67,6 +68,24 @@ class Relabeled(Dataset):
         img, _ = self.base[int(self.indices[i])]
         views = [t(img) for t in self.transforms]
         return (views if len(views) > 1 else views[0]), int(self.targets[i]), i
+
+
+class RawRelabeled(Relabeled):
+    """:class:`Relabeled` for ``augment.backend: batched``: ``({"image": uint8 [C, H, W], "key": [epoch,
+    base index]}, target, index)``, the views made on the training device. The key holds the index in
+    the base dataset, so an image draws the same views whichever subset (known, novel, all) holds it."""
+
+    def __init__(self, base: Dataset, known: list[int], novel: list[int], classes: str = "all") -> None:
+        super().__init__(base, known, novel, [], classes)
+
+    def keyed_item(self, epoch: int, i: int):
+        j = int(self.indices[i])
+        img, _ = self.base[j]
+        return ({"image": pil_to_tensor(img), "key": torch.tensor([epoch, j], dtype=torch.int64)},
+                int(self.targets[i]), i)
+
+    def __getitem__(self, i: int):
+        return self.keyed_item(0, i)
 
 
 @torch.no_grad()

@@ -227,15 +227,18 @@ def test_batching_auto_follows_the_dataset():
         check_experiment("uno_digits", cfg)
 
 
-def test_paired_loader_under_ddp_keeps_half_and_half_per_device(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["pil", "batched"])
+def test_paired_loader_under_ddp_keeps_half_and_half_per_device(tmp_path, monkeypatch, backend):
     """Under DDP each rank reads its share of the pairs (as PL 1.1's DistributedSampler gave UNO) in
     batches of b/2 known + b/2 novel rows (the per-GPU sizes of --batch_size b). The loader's own
     EpochSampler is a DistributedSampler, so Lightning keeps it instead of rebuilding the loader; the
-    ranks are simulated by its world size and rank."""
+    ranks are simulated by its world size and rank. With the batched backend the rows are uint8 images
+    with one key per row (epoch, the base dataset's index), concatenated as the views are."""
     from ncd.methods.common import EpochSampler
 
     b, (n_known, _) = 16, _train_counts()
     cfg = _digits_cfg("paired", b)
+    cfg["augment"] = {"backend": backend}
     ctx = RunContext("uno_digits", 0, "discover", cfg, tmp_path, tmp_path)
     info = get_info("digits")
     t = build_uno_transform("eval", info)
@@ -248,7 +251,13 @@ def test_paired_loader_under_ddp_keeps_half_and_half_per_device(tmp_path, monkey
         batches = list(loader)
         assert len(batches) == len(loader) == math.ceil(n_known / 2) // (b // 2)
         for views, y, idx in batches:
-            assert [v.shape[0] for v in views] == [b, b]
+            if backend == "batched":
+                assert views["image"].dtype == torch.uint8 and views["image"].shape[0] == b
+                # b/2 different known images (the smaller novel subset is cycled, so it may repeat one)
+                assert len(set(views["key"][: b // 2, 1].tolist())) == b // 2
+                assert len(set(views["key"][:, 0].tolist())) == 1  # one epoch
+            else:
+                assert [v.shape[0] for v in views] == [b, b]
             assert int((y < len(KNOWN)).sum()) == b // 2 and int((y >= len(KNOWN)).sum()) == b // 2
             seen.append(idx[: b // 2])
     # the two ranks read disjoint pairs (at most the padding repeats)
