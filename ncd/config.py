@@ -260,8 +260,44 @@ def check_semantics(config: dict[str, Any], *, data_checks: bool = True) -> None
             raise NcdError(f"experiment '{name}' uses method 'uno' but has no class split; expected "
                            "'split' (known/novel class ids) or 'split_name'")
         check_backbone(name, exp)
+        check_augment_backend(name, exp)
         if data_checks:
             check_counts(name, exp, config)
+
+
+def check_augment_backend(name: str, exp: dict[str, Any]) -> None:
+    """``augment.backend: batched`` with an augmentation that has no batched path, caught before any job
+    runs (the view builders of ncd.data.batched*, ncd.data.cld and ncd.methods.sela_eval refuse the same)."""
+    if (exp.get("augment") or {}).get("backend", "pil") != "batched":
+        return
+
+    def refuse(what: str, expected: str) -> None:
+        raise NcdError(f"experiment '{name}': augment.backend 'batched' has no batched path for {what}; "
+                       f"expected {expected}, or augment.backend: pil")
+
+    method = exp["method"]
+    if (exp.get("transform") or {}).get("resize"):
+        refuse(f"transform.resize {exp['transform']['resize']} (no resize first)", "transform.resize: 0")
+    if method == "cld":
+        c = exp.get("cld") or {}
+        aug, inst = c.get("augmentation", "npid"), c.get("instance", "npid")
+        if inst == "infomin":
+            refuse("cld.instance 'infomin' (its jigsaw patches)", "instance npid, moco or mocov2")
+        if aug not in ("npid", "mocov2"):
+            refuse(f"cld.augmentation {aug!r}", "'npid' or 'mocov2'")
+        o = c.get("augment") or {}
+        if aug == "mocov2" and (o.get("blur_p") is None or o.get("blur_p") > 0 or o.get("erasing")):
+            refuse(f"cld.augmentation 'mocov2' with blur_p {o.get('blur_p')} / erasing {bool(o.get('erasing'))} "
+                   "(Gaussian blur, random erasing)", "cld.augment.blur_p: 0 and erasing: false")
+    elif method == "sela":
+        o = (exp.get("sela") or {}).get("augment") or {}
+        resize = o.get("resize", 256 if o.get("preset", "imagenet") == "cifar" else 0)
+        if resize:
+            refuse(f"sela.augment.resize {resize} (no resize first; the cifar preset resizes to 256)",
+                   "sela.augment.resize: 0")
+    elif method == "uno" and (str(exp.get("dataset", "")).startswith("imagenet") or exp.get("dataset") == "stl10"):
+        refuse(f"UNO's ImageNet augmentation of dataset {exp['dataset']!r} (Gaussian blur, grayscale)",
+               "a CIFAR-style dataset")
 
 
 # --- backbones ----------------------------------------------------------------------------------

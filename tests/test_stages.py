@@ -238,28 +238,34 @@ def test_a_killed_stage_resumes_only_under_its_own_unchanged_slice(config, work,
     assert _history_epochs(out.parent) == [1, 2]
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "scan", "selflabel"])
-def test_batched_augmentation_resumes_exactly_and_differs_from_pil(config, work, tmp_path, stage):
-    """``augment.backend: batched``: the SimCLR pretext, SCAN (strong views of anchors and neighbours)
-    and self-labeling (weak and strong views), each killed with SIGKILL after a mid-epoch save and
-    rerun, end bit-identical to an uninterrupted batched run (each view is a function of seed, epoch
-    and index), and the backend is part of the stage's slice (its views differ from the PIL path's)."""
+BATCHED_STAGES = ["pretrain", "scan", "selflabel", "pretrain_supervised", "discover", "sela", "cld", "superand",
+                  "twostage"]
+
+
+@pytest.mark.parametrize("stage", BATCHED_STAGES)
+def test_the_other_augmentation_backend_resumes_exactly(config, work, tmp_path, stage):
+    """Every stage with a batched path, under the ``augment.backend`` its embedded-default experiment
+    does not use (the conformance test above covers the one it uses): the SimCLR pretext, SCAN (strong
+    views of anchors and neighbours), self-labeling (weak and strong views), UNO's pretraining and
+    discovery (large and small crops), SeLa (training view and label pass), NPID + CLD, Super-AND and
+    stage 2 (two views each), killed with SIGKILL after a mid-epoch save and rerun, end bit-identical to
+    an uninterrupted run: a batched view is a function of seed, epoch and index, a PIL one is drawn
+    from generators seeded from them."""
     _ensure(config, work, stage)
-    batched = copy.deepcopy(config)
-    batched["experiments"]["scan_digits"]["augment"] = {"backend": "batched"}
+    exp = EXPERIMENT[STAGES[stage].method]
+    default = (config["experiments"][exp].get("augment") or {}).get("backend", "pil")
+    other = "pil" if default == "batched" else "batched"
+    cfg = copy.deepcopy(config)
+    cfg["experiments"][exp]["augment"] = {"backend": other}
     straight = tmp_path / "straight" / "model.ckpt"
     log = tmp_path / "straight.log"
-    assert main([stage, *_args(batched, work, stage, straight), "--log", str(log)]) == 0
-    assert re.search(r"batched( strong)? augmentation", log.read_text())
+    assert main([stage, *_args(cfg, work, stage, straight), "--log", str(log)]) == 0
+    assert re.search(rf"{other}( strong)? augmentation", log.read_text())
     out = tmp_path / "killed" / "model.ckpt"
-    r = _run_killed(_args(batched, work, stage, out), stage, {KILL_MID_EPOCH: "1"})
+    r = _run_killed(_args(cfg, work, stage, out), stage, {KILL_MID_EPOCH: "1"})
     assert r.returncode == -9, r.stderr[-3000:]
     assert (out.parent / "last.ckpt").is_file() and not out.exists()
     log = tmp_path / "resumed.log"
-    assert main([stage, *_args(batched, work, stage, out), "--log", str(log)]) == 0
+    assert main([stage, *_args(cfg, work, stage, out), "--log", str(log)]) == 0
     assert "resuming stage" in log.read_text() and _history_epochs(out.parent) == [1, 2]
     _assert_same_weights(out, straight)
-    pil = tmp_path / "pil" / "model.ckpt"
-    assert main([stage, *_args(config, work, stage, pil)]) == 0
-    with pytest.raises(AssertionError, match="tensors differ"):
-        _assert_same_weights(pil, straight)

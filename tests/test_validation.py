@@ -190,6 +190,34 @@ def test_cld_backbone_options_must_fit_the_backbone(cfg, edit, fragment):
     assert fragment in _error(cfg)
 
 
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda e: e["cld_digits"]["cld"].update(instance="infomin", augmentation="infomin"),
+     "experiment 'cld_digits': augment.backend 'batched' has no batched path for cld.instance 'infomin'"),
+    (lambda e: e["cld_digits"]["cld"].update(augmentation="infomin"),
+     "no batched path for cld.augmentation 'infomin'; expected 'npid' or 'mocov2', or augment.backend: pil"),
+    (lambda e: e["cld_digits"]["cld"].update(augmentation="mocov2"),
+     "no batched path for cld.augmentation 'mocov2' with blur_p None / erasing False"),
+    (lambda e: e["sela_digits"]["sela"]["augment"].update(preset="cifar"),
+     "no batched path for sela.augment.resize 256 (no resize first; the cifar preset resizes to 256); "
+     "expected sela.augment.resize: 0"),
+    (lambda e: e["uno_digits"].update(transform={"resize": 16}),
+     "experiment 'uno_digits': augment.backend 'batched' has no batched path for transform.resize 16"),
+    (lambda e: e["scan_digits"].update(augment={"backend": "batched"}, transform={"resize": 12}),
+     "experiment 'scan_digits': augment.backend 'batched' has no batched path for transform.resize 12"),
+])
+def test_batched_augmentation_without_a_batched_path_is_caught_at_validation(cfg, edit, fragment):
+    """The embedded default's batched experiments (UNO, SeLa, CLD), and SCAN switched to batched, given an
+    augmentation only the PIL path makes: one error naming it, before any job runs."""
+    edit(cfg["experiments"])
+    assert fragment in _error(cfg)
+
+
+def test_batched_augmentation_with_a_batched_path_passes(cfg):
+    cfg["experiments"]["cld_digits"]["cld"].update(augmentation="mocov2", augment={"blur_p": 0.0})
+    cfg["experiments"]["sela_digits"]["sela"]["augment"].update(preset="cifar", resize=0)
+    validate(cfg)
+
+
 # --- 4. counts larger than the data --------------------------------------------------------------
 
 BATCH = "the stage's training data (it drops the last partial batch, so no batch would be left)"
