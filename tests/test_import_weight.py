@@ -43,6 +43,44 @@ def test_an_evaluate_job_of_one_stage_imports_no_lightning(stage):
                      HEAVY) == []
 
 
+def test_no_evaluator_imports_torchvision():
+    """torchvision's import (> 1 s: torchvision.ops brings torch._dynamo) is left to the jobs that read files
+    or augment: an evaluator uses the torchvision-free evaluation transform."""
+    assert _imported(["ncd.cli", "ncd.config", "ncd.methods.evaluate", *EVALUATOR_MODULES], ("torchvision",)) == []
+
+
+def test_a_real_evaluate_job_on_digits_imports_no_torchvision_lightning_or_faiss(tmp_path):
+    """The workflow's evaluate command, run to its end on digits (prepared: from the split cache), for an
+    untrained SCAN model: it writes its metrics and never imported torchvision, Lightning or faiss."""
+    import torch
+
+    from ncd.checkpoint import save_model
+    from ncd.config import load_config, resolve_experiment, stage_config
+    from ncd.data import prepare_dataset
+    from ncd.models import model_from_arch
+
+    config = load_config([ROOT / "config.yaml"])
+    exp = resolve_experiment(config, "scan_digits")
+    arch = {"kind": "clustering", "backbone": exp["backbone"], "in_channels": 1,
+            "backbone_kwargs": dict(exp.get("backbone_kwargs", {})), "num_clusters": 10, "num_heads": 2}
+    torch.manual_seed(0)
+    ckpt, out = tmp_path / "model.ckpt", tmp_path / "metrics.json"
+    save_model(ckpt, model_from_arch(arch).state_dict(), arch, {"best_head": 1})
+    prepare_dataset("digits", tmp_path / "digits")
+    cfg = json.dumps(stage_config(config, "scan_digits", "scan", evaluate=True))
+    code = ("import json, sys; from ncd.cli import main; "
+            f"rc = main(['evaluate', '--experiment', 'scan_digits', '--seed', '0', '--config', {cfg!r}, "
+            f"'--data-root', {str(tmp_path / 'digits')!r}, '--ckpt', {str(ckpt)!r}, '--stage', 'scan', "
+            f"'--out', {str(out)!r}]); "
+            f"print(json.dumps([rc, sorted(m for m in {(*HEAVY, 'torchvision')!r} if m in sys.modules)]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, imported = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rc == 0 and imported == []
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["split"], row["head"], row["metric"]) for row in rows} >= {("test", "best", "acc"), ("test", "1", "nmi")}
+
+
 def test_the_checker_sees_lightning_where_it_is():
     """The check above is real: a training module does bring Lightning in."""
     assert "lightning" in _imported(["ncd.methods.scan"], HEAVY)

@@ -21,20 +21,21 @@ Every kind ends with ToTensor and the normalisation of :func:`cld_normalization`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
-from ncd.data.batched import SimCLRViews
 from ncd.data.registry import CIFAR10_MEAN, CIFAR10_STD, DatasetInfo
-from ncd.data.transforms import GaussianBlur
+from ncd.data.transforms import CenterCropNormalize, GaussianBlur, eval_transform
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
 from ncd.ops.checks import check_options
+
+if TYPE_CHECKING:
+    from ncd.data.batched import SimCLRViews
 
 KINDS = ("npid", "mocov2", "infomin", "test", "linear", "linear_ra")
 
@@ -74,10 +75,13 @@ def build_cld_transform(kind: str, info: DatasetInfo, **overrides: Any) -> Calla
     o = {**_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     crop = int(o["crop_size"] or info.crop_size)
     mean, std = cld_normalization(info)
-    tail = [T.ToTensor(), T.Normalize(mean, std)]
     if kind == "test":
-        head = [T.Resize(info.image_size), T.CenterCrop(crop)] if info.image_size > crop else []
-        return T.Compose([*head, *tail])
+        if info.image_size <= crop:
+            return CenterCropNormalize(crop, mean, std)  # no torchvision import for an evaluate job
+        return eval_transform(crop, mean, std, resize=info.image_size)
+    from torchvision import transforms as T
+
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
     # MoCo's linear probe keeps torchvision's default scale (0.08, 1); every other kind uses (0.2, 1)
     scale = (0.08, 1.0) if kind == "linear" and overrides.get("crop_scale") is None else tuple(o["crop_scale"])
     rrc = T.RandomResizedCrop(crop, scale=scale)
@@ -120,6 +124,8 @@ def build_cld_views(kind: str, info: DatasetInfo, seed: int = 0, view: int = 0, 
     jitter = o["jitter"] or ((0.4, 0.4, 0.4, 0.4) if kind == "npid" else (0.4, 0.4, 0.4, 0.1))
     jitter_p = o["jitter_p"] if o["jitter_p"] is not None else (1.0 if kind == "npid" else 0.8)
     mean, std = cld_normalization(info)
+    from ncd.data.batched import SimCLRViews  # here: it imports torchvision, which an evaluate job needs not
+
     return SimCLRViews(int(o["crop_size"] or info.crop_size), mean, std, crop_scale=tuple(o["crop_scale"]),
                        flip_p=o["flip_p"], jitter=jitter, jitter_p=jitter_p, grayscale_p=o["grayscale_p"],
                        seed=seed, view=view)
@@ -130,6 +136,8 @@ def _apply(step: Callable, p: float) -> Callable | None:
     step costs no random draw (8×8 digits spend most of their time in such draws)."""
     if p <= 0:
         return None
+    from torchvision import transforms as T
+
     return step if p >= 1 else T.RandomApply([step], p=p)
 
 
@@ -164,6 +172,8 @@ def build_jigsaw_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.T
 class _Jigsaw:
     def __init__(self, info: DatasetInfo) -> None:
         mean, std = cld_normalization(info)
+        from torchvision import transforms as T
+
         self.per_patch = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
         self.crops = T.Compose([T.RandomResizedCrop(255, scale=(0.6, 1.0)), T.RandomHorizontalFlip(), JigsawCrop()])
 

@@ -12,6 +12,7 @@ import abc
 
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,13 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import datasets as tvd
-from torchvision.datasets import folder as tv_folder
-from torchvision.datasets import imagenet as tv_imagenet
-from torchvision.datasets import utils as tv_utils
-from torchvision.transforms import functional as TF
 
 from ncd.errors import NcdError
+
+# torchvision is imported where a file dataset is opened, not with this module: importing it costs
+# more than a second (torchvision.ops brings torch._dynamo), which every job that only reads an
+# in-memory dataset (digits; every evaluate job of the embedded default) would pay for nothing.
+
+
+def _tv(module: str) -> Any:
+    """``torchvision.<module>``, imported on first use (``datasets``, ``datasets.utils``, ...)."""
+    import importlib
+
+    return importlib.import_module(f"torchvision.{module}")
 
 # --------------------------------------------------------------------------------------------
 # Dataset classes
@@ -90,9 +97,9 @@ class FileDataset(ImageDataset):
     def _image(self, index: int) -> Image.Image:
         img = read_rgb(self.paths[index])
         if self.resize:
-            img = TF.resize(img, self.resize)
+            img = _tv("transforms.functional").resize(img, self.resize)
             if self.square:
-                img = TF.center_crop(img, self.resize)
+                img = _tv("transforms.functional").center_crop(img, self.resize)
         return img
 
 
@@ -133,8 +140,11 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
 DIGITS_TEST_SIZE = 0.3
 
 
-def load_digits_split(split: str, transform: Callable | None = None) -> ArrayDataset:
-    """scikit-learn's 8×8 digits, 0..16 scaled to uint8, fixed stratified 70/30 split."""
+DIGITS_CACHE = "digits.npz"  # under the dataset's root: the split arrays prepare writes for the later jobs
+
+
+def _digits_arrays() -> dict[str, np.ndarray]:
+    """scikit-learn's digits as uint8 images with the fixed stratified split's indices."""
     # lazily: sklearn.datasets is a slow import that only the digits dataset needs
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -143,8 +153,45 @@ def load_digits_split(split: str, transform: Callable | None = None) -> ArrayDat
     images = np.rint(d.images * 255.0 / 16.0).astype(np.uint8)
     idx_train, idx_test = train_test_split(
         np.arange(len(d.target)), test_size=DIGITS_TEST_SIZE, stratify=d.target, random_state=0)
-    idx = idx_train if split == "train" else idx_test
-    return ArrayDataset(images[idx], d.target[idx], [str(c) for c in range(10)], transform)
+    return {"images": images, "targets": d.target.astype(np.int64), "train": idx_train, "test": idx_test}
+
+
+def write_digits_cache(path: str | os.PathLike) -> Path:
+    """Write the digits split arrays to ``path`` (``.npz``, through a temporary file and a rename)."""
+    from ncd.utils import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **_digits_arrays())
+    return path
+
+
+def _read_digits_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when ``path`` is missing or not a complete cache (then the caller
+    recomputes from scikit-learn: the cache only saves the import, it is never the source of truth)."""
+    try:
+        with np.load(path) as z:
+            a = {k: z[k] for k in ("images", "targets", "train", "test")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated, not an npz, a key absent
+        return None
+    n = len(a["targets"])
+    if a["images"].shape != (n, 8, 8) or a["images"].dtype != np.uint8 or len(a["train"]) + len(a["test"]) != n:
+        return None
+    return a
+
+
+def load_digits_split(split: str, transform: Callable | None = None, *,
+                      cache: str | os.PathLike | None = None) -> ArrayDataset:
+    """scikit-learn's 8×8 digits, 0..16 scaled to uint8, fixed stratified 70/30 split.
+
+    ``cache``: an ``.npz`` :func:`write_digits_cache` wrote (``prepare`` does); read instead of
+    importing scikit-learn's datasets when it is there and complete."""
+    a = _read_digits_cache(Path(cache)) if cache is not None else None
+    if a is None:
+        a = _digits_arrays()
+    idx = a["train"] if split == "train" else a["test"]
+    return ArrayDataset(a["images"][idx], a["targets"][idx], [str(c) for c in range(10)], transform)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,17 +232,21 @@ def _cifar100_to_20() -> np.ndarray:
 
 CIFAR100_TO_20: np.ndarray = _cifar100_to_20()
 
-_TV_CLASSES: dict[str, type] = {
-    "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "cifar100-20": tvd.CIFAR100,
-    "stl10": tvd.STL10,
+_TV_CLASS_NAMES: dict[str, str] = {
+    "cifar10": "CIFAR10", "cifar100": "CIFAR100", "cifar100-20": "CIFAR100", "stl10": "STL10",
 }
+
+
+def _tv_class(name: str) -> type:
+    """torchvision's dataset class behind ``name`` (cifar10, cifar100, cifar100-20, stl10)."""
+    return getattr(_tv("datasets"), _TV_CLASS_NAMES[name])
 
 
 
 def expected_files(name: str) -> list[tuple[str, str]]:
     """``(path relative to root, md5)`` of every checksummed file, read from the torchvision
     class at call time (so a test can patch the lists)."""
-    cls = _TV_CLASSES[name]
+    cls = _tv_class(name)
     files = [(f"{cls.base_folder}/{f}", md5) for f, md5 in cls.train_list + cls.test_list]
     meta = getattr(cls, "meta", None)
     if isinstance(meta, dict):
@@ -211,7 +262,7 @@ def check_files(name: str, root: str | os.PathLike) -> list[str]:
         path = root / rel
         if not path.is_file():
             missing.append(rel)
-        elif (actual := tv_utils.calculate_md5(path)) != md5:
+        elif (actual := _tv("datasets.utils").calculate_md5(path)) != md5:
             bad.append(f"{path} (md5 {actual}, expected {md5})")
     if bad:
         raise NcdError(
@@ -237,15 +288,15 @@ def download_torchvision(name: str, root: str | os.PathLike,
     if missing:
         if not download:
             raise _missing_error(name, root, missing)
-        cls = _TV_CLASSES[name]
+        cls = _tv_class(name)
         archive = root / cls.filename
-        if archive.is_file() and (actual := tv_utils.calculate_md5(archive)) != cls.tgz_md5:
+        if archive.is_file() and (actual := _tv("datasets.utils").calculate_md5(archive)) != cls.tgz_md5:
             raise NcdError(
                 f"dataset '{name}': checksum mismatch for {archive} (md5 {actual}, expected "
                 f"{cls.tgz_md5}); delete it (an interrupted download?) and run again")
         root.mkdir(parents=True, exist_ok=True)
         try:
-            tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename,
+            _tv("datasets.utils").download_and_extract_archive(cls.url, str(root), filename=cls.filename,
                                                   md5=cls.tgz_md5)
         except Exception as e:  # network errors, bad archive: all end the step the same way
             raise NcdError(
@@ -260,7 +311,7 @@ def download_torchvision(name: str, root: str | os.PathLike,
 
 def _open_torchvision(name: str, root: Path, **kwargs: Any) -> Any:
     try:
-        return _TV_CLASSES[name](str(root), download=False, **kwargs)
+        return _tv_class(name)(str(root), download=False, **kwargs)
     except RuntimeError as e:
         # Let our own check say which file is missing or corrupt; it raises if it finds out.
         missing = check_files(name, root)
@@ -318,9 +369,9 @@ def imagenet_subset_classes(n: int) -> list[tuple[str, str]]:
 def imagenet_requirements(root: str | os.PathLike, splits: Sequence[str]) -> list[str]:
     """What is missing for ``splits``: the extracted folder or the archive that makes it."""
     root = Path(root)
-    meta = tv_imagenet.ARCHIVE_META
+    meta = _tv("datasets.imagenet").ARCHIVE_META
     need = []
-    if not (root / tv_imagenet.META_FILE).is_file() and not (root / meta["devkit"][0]).is_file():
+    if not (root / _tv("datasets.imagenet").META_FILE).is_file() and not (root / meta["devkit"][0]).is_file():
         need.append(f"{meta['devkit'][0]} (or the meta.bin torchvision makes from it)")
     for split in splits:
         if not (root / split).is_dir() and not (root / meta[split][0]).is_file():
@@ -341,9 +392,9 @@ def open_imagenet(root: str | os.PathLike, split: str, name: str = "imagenet") -
     if need:
         raise imagenet_missing_error(name, root, need)
     try:
-        return tvd.ImageNet(str(root), split=split)
+        return _tv("datasets").ImageNet(str(root), split=split)
     except RuntimeError as e:
-        for fname, md5 in tv_imagenet.ARCHIVE_META.values():
+        for fname, md5 in _tv("datasets.imagenet").ARCHIVE_META.values():
             if fname in str(e):
                 raise NcdError(
                     f"dataset '{name}': checksum mismatch for {root / fname} (expected md5 "
@@ -369,11 +420,11 @@ def load_imagenet(root: str | os.PathLike, split: str, transform: Callable | Non
         return FileDataset(ds.samples, ds.wnids, transform, resize=resize)
     name = f"imagenet-{subset}"
     classes = imagenet_subset_classes(subset)
-    if not ((root / tv_imagenet.META_FILE).is_file() and (root / split).is_dir()):
+    if not ((root / _tv("datasets.imagenet").META_FILE).is_file() and (root / split).is_dir()):
         open_imagenet(root, split, name)  # first use: parse the archives
     # Walk only the subset's class folders instead of all 1000.
     present = {w: i for i, (w, _) in enumerate(classes) if (root / split / w).is_dir()}
-    samples = tv_folder.make_dataset(str(root / split), present, tv_folder.IMG_EXTENSIONS,
+    samples = _tv("datasets.folder").make_dataset(str(root / split), present, _tv("datasets.folder").IMG_EXTENSIONS,
                                      allow_empty=True) if present else []
     if not samples:
         raise NcdError(f"dataset '{name}': no images of its classes in {root / split}")
@@ -411,7 +462,7 @@ def imagefolder_classes(root: str | os.PathLike) -> list[str]:
 
 def _loose_images(folder: Path) -> list[str]:
     return sorted(str(folder / f) for f in os.listdir(folder)
-                  if tv_folder.is_image_file(f) and (folder / f).is_file())
+                  if _tv("datasets.folder").is_image_file(f) and (folder / f).is_file())
 
 
 def imagefolder_samples(root: str | os.PathLike, split: str) -> list[tuple[str, int]]:
@@ -421,13 +472,13 @@ def imagefolder_samples(root: str | os.PathLike, split: str) -> list[tuple[str, 
     classes = imagefolder_classes(root)
     if _class_dirs(folder):
         class_to_idx = {c: i for i, c in enumerate(classes) if (folder / c).is_dir()}
-        samples = tv_folder.make_dataset(str(folder), class_to_idx, tv_folder.IMG_EXTENSIONS,
+        samples = _tv("datasets.folder").make_dataset(str(folder), class_to_idx, _tv("datasets.folder").IMG_EXTENSIONS,
                                          allow_empty=True)
     else:
         samples = [(f, -1) for f in _loose_images(folder)]
     if not samples:
         raise NcdError(f"dataset 'imagefolder': no images in {folder} (extensions: "
-                       + ", ".join(tv_folder.IMG_EXTENSIONS) + ")")
+                       + ", ".join(_tv("datasets.folder").IMG_EXTENSIONS) + ")")
     return samples
 
 

@@ -127,8 +127,9 @@ def _check_split(info: DatasetInfo, split: str) -> None:
 def _fetch(name: str, root: Path, download: bool, opts: dict[str, Any]) -> list[str]:
     """Make sure the files are there and intact; return lines describing them."""
     if name == "digits":
-        n = len(D.load_digits_split("train")) + len(D.load_digits_split("test"))
-        return [f"sklearn.datasets.load_digits ({n} images)"]
+        cache = D.write_digits_cache(root / D.DIGITS_CACHE)
+        n = sum(len(D.load_digits_split(s, cache=cache)) for s in ("train", "test"))
+        return [f"sklearn.datasets.load_digits ({n} images), split arrays cached in {cache.name}"]
     if name in _TORCHVISION:
         return [f"{rel}  md5 {md5}" for rel, md5 in D.download_torchvision(name, root, download)]
     info = DATASETS[name]
@@ -148,7 +149,7 @@ def _fetch(name: str, root: Path, download: bool, opts: dict[str, Any]) -> list[
 def _load(name: str, root: Path, split: str, transform: Callable | None,
           opts: dict[str, Any]) -> torch.utils.data.Dataset:
     if name == "digits":
-        return D.load_digits_split(split, transform)
+        return D.load_digits_split(split, transform, cache=root / D.DIGITS_CACHE)
     if name.startswith("cifar"):
         return D.load_cifar(name, root, split, transform)
     if name == "stl10":

@@ -8,10 +8,9 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-from torchvision import transforms as T
-
 from ncd.data.registry import DatasetInfo
 from ncd.errors import NcdError
 from ncd.ops.checks import check_options
@@ -182,6 +181,53 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "strong": {"resize": 0, "crop_size": None, "flip_p": 0.5, "num_ops": 4, "cutout": None},
     "val": {"resize": 0, "crop_size": None},
 }
+class CenterCropNormalize:
+    """``T.Compose([T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])`` for an ``L`` or ``RGB``
+    image no smaller than the crop, with the same operations in the same order (equal bit for bit;
+    tested), without importing torchvision: every evaluation pass of an in-memory dataset (an
+    ``evaluate`` job on digits) uses it, and torchvision's import costs more than the rest of such a job.
+    Another mode or a smaller image goes through torchvision's ops."""
+
+    def __init__(self, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.mean, self.std = list(mean), list(std)
+
+    def _torchvision(self) -> Callable[[Image.Image], torch.Tensor]:
+        from torchvision import transforms as T
+
+        return T.Compose([T.CenterCrop(self.size), T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        ch, cw = self.size
+        w, h = img.size
+        if img.mode not in ("L", "RGB") or h < ch or w < cw:
+            return self._torchvision()(img)
+        # torchvision's center_crop offsets, crop, to_tensor (uint8 → default float / 255), normalize
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+        if (ch, cw) != (h, w):
+            img = img.crop((left, top, left + cw, top + ch))
+        a = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        x = a.view(ch, cw, len(img.getbands())).permute((2, 0, 1)).contiguous()
+        x = x.to(dtype=torch.get_default_dtype()).div(255)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, mean={self.mean}, std={self.std})"
+
+
+def eval_transform(crop_size: int, mean: Sequence[float], std: Sequence[float],
+                   resize: int = 0) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform: ``[Resize(resize)] → CenterCrop(crop_size) → ToTensor → Normalize``;
+    without a resize, :class:`CenterCropNormalize` (no torchvision import)."""
+    if not resize:
+        return CenterCropNormalize(crop_size, mean, std)
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
 _ALIASES = {"weak": "val"}
 
 
@@ -199,10 +245,12 @@ def build_transform(kind: str, info: DatasetInfo,
     check_options(overrides, _DEFAULTS[base], f"transform '{kind}'")
     o = {**_DEFAULTS[base], **overrides}
     o["crop_size"] = o["crop_size"] or o["resize"] or info.crop_size
+    if base == "val":
+        return eval_transform(o["crop_size"], info.mean, info.std, resize=o["resize"])
+    from torchvision import transforms as T
+
     normalize = [T.ToTensor(), T.Normalize(info.mean, info.std)]
     resize = [T.Resize(o["resize"])] if o["resize"] else []
-    if base == "val":
-        return T.Compose([*resize, T.CenterCrop(o["crop_size"]), *normalize])
     if base == "simclr":
         return T.Compose([
             *resize,

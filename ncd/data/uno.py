@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision import transforms as T
 
 from ncd.data.registry import DatasetInfo
-from ncd.data.transforms import GaussianBlur
+from ncd.data.transforms import GaussianBlur, eval_transform
 from ncd.errors import NcdError
 from ncd.ops.checks import check_options
 
@@ -170,11 +169,12 @@ def build_uno_transform(kind: str, info: DatasetInfo,
     others the CIFAR one (small = size·18/32, padding size//8). Works on 1-channel "L" images."""
     o = _options(kind, info, overrides)
     mean, std = UNO_NORM.get(info.name, (info.mean, info.std))
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
     size, inet = o["size"], _imagenet_like(info)
     if kind == "eval":
-        resize = [T.Resize(round(size * 256 / 224))] if inet else []
-        return T.Compose([*resize, T.CenterCrop(size), *norm])
+        return eval_transform(size, mean, std, resize=round(size * 256 / 224) if inet else 0)
+    from torchvision import transforms as T  # here: an evaluate job needs only the eval transform
+
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
     jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=o["jitter_p"])
     flip = T.RandomHorizontalFlip(o["flip_p"])
     if inet:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ncd.checkpoint import load_state_strict
-from ncd.data import build_dataset, build_transform
+from ncd.data import build_dataset
 from ncd.data.wrappers import Transformed
 from ncd.errors import NcdError
 from ncd.models import model_from_arch
@@ -56,6 +56,8 @@ class RunContext:
 
     def transform(self, kind: str, info, overrides: dict[str, Any] | None = None):
         """``build_transform`` with the experiment-wide ``transform`` options, then ``overrides``."""
+        from ncd.data.transforms import build_transform
+
         return build_transform(kind, info, **{**self.cfg.get("transform", {}), **(overrides or {})})
 
     def meta(self, **extra: Any) -> dict[str, Any]:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from ncd.checkpoint import save_model
 from ncd.data import build_dataset, get_info
+from ncd.data.transforms import CenterCropNormalize
 from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.methods.common import RunContext, eval_splits, split_names
@@ -22,10 +22,11 @@ log = logging.getLogger("ncd")
 def pixels(dataset: str, root: Path, split: str, crop_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Images of a split as flat float32 rows in [0, 1] (centre-cropped to ``crop_size``)."""
     ds = build_dataset(dataset, root, split)
+    to_tensor = CenterCropNormalize(crop_size, [0.0], [1.0])  # center_crop + to_tensor; x - 0 / 1 is exact
     rows = []
     for i in tqdm(range(len(ds)), desc=f"read {split} pixels", mininterval=2.0, leave=False):
         img, _ = ds[i]
-        rows.append(TF.to_tensor(TF.center_crop(img, crop_size)).flatten().numpy())
+        rows.append(to_tensor(img).flatten().numpy())
     return np.stack(rows).astype(np.float32), np.asarray(ds.targets)
 
 

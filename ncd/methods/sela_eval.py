@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torchvision import transforms as T
 
 from ncd.data import build_dataset, get_info
-from ncd.data.batched import SimCLRViews
+from ncd.data.transforms import eval_transform
 from ncd.errors import NcdError
 from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.knn import weighted_knn
@@ -50,11 +49,13 @@ def sela_transform(kind: str, info, preset: str = "imagenet", **overrides: Any):
     """
     o = _preset_options(preset, overrides)
     crop = int(o["crop_size"] or info.crop_size)
-    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
     if kind == "val":
-        return T.Compose([*([T.Resize(o["eval_resize"])] if o["eval_resize"] else []), T.CenterCrop(crop), *norm])
+        return eval_transform(crop, info.mean, info.std, resize=o["eval_resize"])
     if kind != "train":
         raise NcdError(f"unknown SeLa transform kind {kind!r}; expected 'train' or 'val'")
+    from torchvision import transforms as T  # here: an evaluate job needs only the val transform
+
+    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
     gray = T.RandomGrayscale(o["grayscale_p"])
     jitter = T.RandomApply([T.ColorJitter(*o["jitter"])], p=o["jitter_p"])
     return T.Compose([
@@ -73,6 +74,8 @@ def sela_views(info, preset: str = "imagenet", seed: int = 0, view: int = 0, **o
     if o["resize"]:
         raise NcdError(f"augment.backend 'batched' does not resize first (sela.augment.resize: {o['resize']}); "
                        "expected resize: 0, or backend: pil")
+    from ncd.data.batched import SimCLRViews  # here: torchvision's, and the evaluate job needs none
+
     return SimCLRViews(int(o["crop_size"] or info.crop_size), info.mean, info.std, crop_scale=tuple(o["crop_scale"]),
                        flip_p=o["flip_p"], jitter=o["jitter"], jitter_p=o["jitter_p"], grayscale_p=o["grayscale_p"],
                        grayscale_first=bool(o["grayscale_first"]), seed=seed, view=view)

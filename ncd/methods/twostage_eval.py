@@ -5,12 +5,13 @@ starts without it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torchvision import transforms as T
 
 from ncd.data import build_dataset, get_info
+from ncd.data.transforms import CenterCropNormalize
 from ncd.errors import NcdError
 from ncd.eval.clustering import hungarian_evaluate
 from ncd.eval.knn import weighted_knn
@@ -25,11 +26,16 @@ from ncd.methods.common import (
 )
 
 
-def _renormalize(t: T.Compose, norm: dict[str, Any] | None) -> T.Compose:
+def _renormalize(t: Callable, norm: dict[str, Any] | None) -> Callable:
     """Replace the dataset's normalisation constants by the official code's, where it has its own
     (its CIFAR-100 std (0.2009, 0.1984, 0.2023) differs from the usual one)."""
     if not norm or norm.get("mean") is None:
         return t
+    if isinstance(t, CenterCropNormalize):
+        t.mean, t.std = list(norm["mean"]), list(norm["std"])
+        return t
+    from torchvision import transforms as T
+
     for op in t.transforms:
         if isinstance(op, T.Normalize):
             op.mean, op.std = list(norm["mean"]), list(norm["std"])

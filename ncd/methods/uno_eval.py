@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.utils.data import Dataset
-from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from ncd.data import build_dataset, get_info
@@ -81,6 +80,8 @@ class RawRelabeled(Relabeled):
     def keyed_item(self, epoch: int, i: int):
         j = int(self.indices[i])
         img, _ = self.base[j]
+        from torchvision.transforms.functional import pil_to_tensor
+
         return ({"image": pil_to_tensor(img), "key": torch.tensor([epoch, j], dtype=torch.int64)},
                 int(self.targets[i]), i)
 

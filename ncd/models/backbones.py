@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from ncd.errors import NcdError
@@ -18,6 +17,8 @@ BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet18_lowres", "
 
 def _resnet18_lowres(in_channels: int) -> tuple[nn.Module, int]:
     """UNO's CIFAR encoder: torchvision ResNet-18, 3×3 stride-1 stem, no max-pool, re-initialised."""
+    import torchvision  # here: the small CNN and SCAN's ResNets need none of it
+
     m = torchvision.models.resnet18()
     m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
     m.maxpool = nn.Identity()
@@ -27,6 +28,8 @@ def _resnet18_lowres(in_channels: int) -> tuple[nn.Module, int]:
 
 
 def _torchvision_resnet(name: str, in_channels: int, pretrained: bool) -> tuple[nn.Module, int]:
+    import torchvision
+
     weights = "DEFAULT" if pretrained else None
     m = getattr(torchvision.models, name)(weights=weights)
     if in_channels != 3:
