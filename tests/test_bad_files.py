@@ -144,7 +144,8 @@ def test_full_disk_through_the_cli_is_one_line(tmp_path, monkeypatch, capsys):
     root = tmp_path / "digits"
     assert main(["prepare", "--dataset", "digits", "--root", str(root), "--no-download"]) == 2
     line = one_line_error(capsys)
-    assert f"cannot write {root / 'READY'}: No space left on device" in line
+    # the first file prepare writes for digits is its split cache, then READY
+    assert f"cannot write {root / 'digits.npz'}: No space left on device" in line
     assert list(root.iterdir()) == []
 
 
@@ -160,12 +161,12 @@ def test_read_only_results_folder_is_one_line(tmp_path, monkeypatch, capsys):
         m.setattr("ncd.utils.tempfile.mkstemp", read_only)
         assert main(["prepare", "--dataset", "digits", "--root", str(root), "--no-download"]) == 2
     line = one_line_error(capsys)
-    assert f"cannot write {root / 'READY'}: Read-only file system" in line and "choose a writable results_dir" in line
+    assert f"cannot write {root / 'digits.npz'}: Read-only file system" in line and "choose a writable results_dir" in line
     root.chmod(0o555)
     try:
         if os.geteuid() != 0:  # a real read-only folder where permissions apply
             assert main(["prepare", "--dataset", "digits", "--root", str(root), "--no-download"]) == 2
-            assert f"cannot write {root / 'READY'}: Permission denied" in one_line_error(capsys)
+            assert f"cannot write {root / 'digits.npz'}: Permission denied" in one_line_error(capsys)
         assert list(root.iterdir()) == []
     finally:
         root.chmod(0o755)

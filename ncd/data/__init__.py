@@ -9,18 +9,7 @@ from ncd.data.registry import (
     get_info,
     prepare_dataset,
 )
-
-# the transforms are torchvision's: imported when first asked for, so that a job which reads an in-memory
-# dataset without them (an evaluate job on digits) does not pay torchvision's import
-_TRANSFORMS = frozenset({"Cutout", "RandAugmentOurs", "build_transform"})
-
-
-def __getattr__(name: str):
-    if name in _TRANSFORMS:
-        from ncd.data import transforms
-
-        return getattr(transforms, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from ncd.data.transforms import Cutout, RandAugmentOurs, build_transform  # torchvision only once one is built
 
 
 __all__ = [

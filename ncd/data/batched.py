@@ -35,8 +35,6 @@ import math
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 from ncd.data.registry import DatasetInfo
 from ncd.data.transforms import _DEFAULTS
@@ -51,6 +49,14 @@ P_FACTORS = slice(10, 14)
 P_GRAY = 14
 NUM_PARAMS = 15
 _NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # the factor of each colour operation that changes nothing
+def _tf() -> Any:
+    """torchvision's functional ops, imported on first use: importing torchvision costs more than a second
+    (``torchvision.ops`` brings ``torch._dynamo``), which a job that only evaluates need not pay."""
+    from torchvision.transforms import functional as TF
+
+    return TF
+
+
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its fallback
 
 # ------------------------------------------------------------------------------------------------
@@ -124,6 +130,8 @@ class SimCLRViews(torch.nn.Module):
         self.scale, self.ratio = (float(crop_scale[0]), float(crop_scale[1])), (float(crop_ratio[0]), float(crop_ratio[1]))
         self.flip_p, self.jitter_p, self.grayscale_p = float(flip_p), float(jitter_p), float(grayscale_p)
         # ColorJitter's ranges (None = that operation is off), exactly as torchvision derives them
+        from torchvision import transforms as T  # torchvision's import is left to the jobs that augment
+
         cj = T.ColorJitter(*jitter)
         self.ranges = (cj.brightness, cj.contrast, cj.saturation, cj.hue)
         self.seed, self.view, self.quantize = int(seed), int(view), bool(quantize)
@@ -296,7 +304,7 @@ class RawImages(Dataset):
 
     def keyed_item(self, epoch: int, i: int):
         img, target = self.base[i]
-        return {"image": TF.pil_to_tensor(img), "key": torch.tensor([epoch, i], dtype=torch.int64)}, target, i
+        return {"image": _tf().pil_to_tensor(img), "key": torch.tensor([epoch, i], dtype=torch.int64)}, target, i
 
     def __getitem__(self, i: int):
         return self.keyed_item(0, i)
@@ -317,7 +325,7 @@ class RawNeighbors(RawImages):
     def keyed_item(self, epoch: int, i: int):
         item, target, i = super().keyed_item(epoch, i)
         j = int(np.random.choice(self.neighbors[i]))
-        item["neighbor"] = TF.pil_to_tensor(self.base[j][0])
+        item["neighbor"] = _tf().pil_to_tensor(self.base[j][0])
         return item, target, i
 
 
@@ -334,7 +342,7 @@ class CenterViews(torch.nn.Module):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise NcdError(f"batched augmentation takes a uint8 batch [B, C, H, W], got {images.dtype} "
                            f"{list(images.shape)}")
-        x = TF.center_crop(images, [self.size, self.size]).float().div_(255.0)
+        x = _tf().center_crop(images, [self.size, self.size]).float().div_(255.0)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 

@@ -21,21 +21,19 @@ Every kind ends with ToTensor and the normalisation of :func:`cld_normalization`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ncd.data.batched import SimCLRViews
 from ncd.data.registry import CIFAR10_MEAN, CIFAR10_STD, DatasetInfo
 from ncd.data.transforms import CenterCropNormalize, GaussianBlur, eval_transform
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
 from ncd.ops.checks import check_options
-
-if TYPE_CHECKING:
-    from ncd.data.batched import SimCLRViews
 
 KINDS = ("npid", "mocov2", "infomin", "test", "linear", "linear_ra")
 
@@ -124,8 +122,6 @@ def build_cld_views(kind: str, info: DatasetInfo, seed: int = 0, view: int = 0, 
     jitter = o["jitter"] or ((0.4, 0.4, 0.4, 0.4) if kind == "npid" else (0.4, 0.4, 0.4, 0.1))
     jitter_p = o["jitter_p"] if o["jitter_p"] is not None else (1.0 if kind == "npid" else 0.8)
     mean, std = cld_normalization(info)
-    from ncd.data.batched import SimCLRViews  # here: it imports torchvision, which an evaluate job needs not
-
     return SimCLRViews(int(o["crop_size"] or info.crop_size), mean, std, crop_scale=tuple(o["crop_scale"]),
                        flip_p=o["flip_p"], jitter=jitter, jitter_p=jitter_p, grayscale_p=o["grayscale_p"],
                        seed=seed, view=view)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ncd.errors import NcdError
+from ncd.utils import atomic_path
 
 # torchvision is imported where a file dataset is opened, not with this module: importing it costs
 # more than a second (torchvision.ops brings torch._dynamo), which every job that only reads an
@@ -158,8 +159,6 @@ def _digits_arrays() -> dict[str, np.ndarray]:
 
 def write_digits_cache(path: str | os.PathLike) -> Path:
     """Write the digits split arrays to ``path`` (``.npz``, through a temporary file and a rename)."""
-    from ncd.utils import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

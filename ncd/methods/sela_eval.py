@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from ncd.data import build_dataset, get_info
+from ncd.data.batched import SimCLRViews
 from ncd.data.transforms import eval_transform
 from ncd.errors import NcdError
 from ncd.eval.clustering import hungarian_evaluate
@@ -74,8 +75,6 @@ def sela_views(info, preset: str = "imagenet", seed: int = 0, view: int = 0, **o
     if o["resize"]:
         raise NcdError(f"augment.backend 'batched' does not resize first (sela.augment.resize: {o['resize']}); "
                        "expected resize: 0, or backend: pil")
-    from ncd.data.batched import SimCLRViews  # here: torchvision's, and the evaluate job needs none
-
     return SimCLRViews(int(o["crop_size"] or info.crop_size), info.mean, info.std, crop_scale=tuple(o["crop_scale"]),
                        flip_p=o["flip_p"], jitter=o["jitter"], jitter_p=o["jitter_p"], grayscale_p=o["grayscale_p"],
                        grayscale_first=bool(o["grayscale_first"]), seed=seed, view=view)
