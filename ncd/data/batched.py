@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ncd.data.datasets import tv_module
 from ncd.data.registry import DatasetInfo
 from ncd.data.transforms import _DEFAULTS
 from ncd.errors import NcdError
@@ -49,14 +50,6 @@ P_FACTORS = slice(10, 14)
 P_GRAY = 14
 NUM_PARAMS = 15
 _NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # the factor of each colour operation that changes nothing
-def _tf() -> Any:
-    """torchvision's functional ops, imported on first use: importing torchvision costs more than a second
-    (``torchvision.ops`` brings ``torch._dynamo``), which a job that only evaluates need not pay."""
-    from torchvision.transforms import functional as TF
-
-    return TF
-
-
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its fallback
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +297,8 @@ class RawImages(Dataset):
 
     def keyed_item(self, epoch: int, i: int):
         img, target = self.base[i]
-        return {"image": _tf().pil_to_tensor(img), "key": torch.tensor([epoch, i], dtype=torch.int64)}, target, i
+        image = tv_module("transforms.functional").pil_to_tensor(img)
+        return {"image": image, "key": torch.tensor([epoch, i], dtype=torch.int64)}, target, i
 
     def __getitem__(self, i: int):
         return self.keyed_item(0, i)
@@ -325,7 +319,7 @@ class RawNeighbors(RawImages):
     def keyed_item(self, epoch: int, i: int):
         item, target, i = super().keyed_item(epoch, i)
         j = int(np.random.choice(self.neighbors[i]))
-        item["neighbor"] = _tf().pil_to_tensor(self.base[j][0])
+        item["neighbor"] = tv_module("transforms.functional").pil_to_tensor(self.base[j][0])
         return item, target, i
 
 
@@ -342,7 +336,7 @@ class CenterViews(torch.nn.Module):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise NcdError(f"batched augmentation takes a uint8 batch [B, C, H, W], got {images.dtype} "
                            f"{list(images.shape)}")
-        x = _tf().center_crop(images, [self.size, self.size]).float().div_(255.0)
+        x = tv_module("transforms.functional").center_crop(images, [self.size, self.size]).float().div_(255.0)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ncd.data.batched import SimCLRViews
 from ncd.data.registry import CIFAR10_MEAN, CIFAR10_STD, DatasetInfo
-from ncd.data.transforms import CenterCropNormalize, GaussianBlur, eval_transform
+from ncd.data.transforms import GaussianBlur, eval_transform
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
 from ncd.ops.checks import check_options
@@ -74,9 +74,8 @@ def build_cld_transform(kind: str, info: DatasetInfo, **overrides: Any) -> Calla
     crop = int(o["crop_size"] or info.crop_size)
     mean, std = cld_normalization(info)
     if kind == "test":
-        if info.image_size <= crop:
-            return CenterCropNormalize(crop, mean, std)  # no torchvision import for an evaluate job
-        return eval_transform(crop, mean, std, resize=info.image_size)
+        # without a resize: CenterCropNormalize, no torchvision import for an evaluate job
+        return eval_transform(crop, mean, std, resize=info.image_size if info.image_size > crop else 0)
     from torchvision import transforms as T
 
     tail = [T.ToTensor(), T.Normalize(mean, std)]

@@ -30,7 +30,7 @@ from ncd.utils import atomic_path
 # in-memory dataset (digits; every evaluate job of the embedded default) would pay for nothing.
 
 
-def _tv(module: str) -> Any:
+def tv_module(module: str) -> Any:
     """``torchvision.<module>``, imported on first use (``datasets``, ``datasets.utils``, ...)."""
     import importlib
 
@@ -98,9 +98,9 @@ class FileDataset(ImageDataset):
     def _image(self, index: int) -> Image.Image:
         img = read_rgb(self.paths[index])
         if self.resize:
-            img = _tv("transforms.functional").resize(img, self.resize)
+            img = tv_module("transforms.functional").resize(img, self.resize)
             if self.square:
-                img = _tv("transforms.functional").center_crop(img, self.resize)
+                img = tv_module("transforms.functional").center_crop(img, self.resize)
         return img
 
 
@@ -238,7 +238,7 @@ _TV_CLASS_NAMES: dict[str, str] = {
 
 def _tv_class(name: str) -> type:
     """torchvision's dataset class behind ``name`` (cifar10, cifar100, cifar100-20, stl10)."""
-    return getattr(_tv("datasets"), _TV_CLASS_NAMES[name])
+    return getattr(tv_module("datasets"), _TV_CLASS_NAMES[name])
 
 
 
@@ -261,7 +261,7 @@ def check_files(name: str, root: str | os.PathLike) -> list[str]:
         path = root / rel
         if not path.is_file():
             missing.append(rel)
-        elif (actual := _tv("datasets.utils").calculate_md5(path)) != md5:
+        elif (actual := tv_module("datasets.utils").calculate_md5(path)) != md5:
             bad.append(f"{path} (md5 {actual}, expected {md5})")
     if bad:
         raise NcdError(
@@ -289,13 +289,13 @@ def download_torchvision(name: str, root: str | os.PathLike,
             raise _missing_error(name, root, missing)
         cls = _tv_class(name)
         archive = root / cls.filename
-        if archive.is_file() and (actual := _tv("datasets.utils").calculate_md5(archive)) != cls.tgz_md5:
+        if archive.is_file() and (actual := tv_module("datasets.utils").calculate_md5(archive)) != cls.tgz_md5:
             raise NcdError(
                 f"dataset '{name}': checksum mismatch for {archive} (md5 {actual}, expected "
                 f"{cls.tgz_md5}); delete it (an interrupted download?) and run again")
         root.mkdir(parents=True, exist_ok=True)
         try:
-            _tv("datasets.utils").download_and_extract_archive(cls.url, str(root), filename=cls.filename,
+            tv_module("datasets.utils").download_and_extract_archive(cls.url, str(root), filename=cls.filename,
                                                   md5=cls.tgz_md5)
         except Exception as e:  # network errors, bad archive: all end the step the same way
             raise NcdError(
@@ -368,9 +368,9 @@ def imagenet_subset_classes(n: int) -> list[tuple[str, str]]:
 def imagenet_requirements(root: str | os.PathLike, splits: Sequence[str]) -> list[str]:
     """What is missing for ``splits``: the extracted folder or the archive that makes it."""
     root = Path(root)
-    meta = _tv("datasets.imagenet").ARCHIVE_META
+    meta = tv_module("datasets.imagenet").ARCHIVE_META
     need = []
-    if not (root / _tv("datasets.imagenet").META_FILE).is_file() and not (root / meta["devkit"][0]).is_file():
+    if not (root / tv_module("datasets.imagenet").META_FILE).is_file() and not (root / meta["devkit"][0]).is_file():
         need.append(f"{meta['devkit'][0]} (or the meta.bin torchvision makes from it)")
     for split in splits:
         if not (root / split).is_dir() and not (root / meta[split][0]).is_file():
@@ -391,9 +391,9 @@ def open_imagenet(root: str | os.PathLike, split: str, name: str = "imagenet") -
     if need:
         raise imagenet_missing_error(name, root, need)
     try:
-        return _tv("datasets").ImageNet(str(root), split=split)
+        return tv_module("datasets").ImageNet(str(root), split=split)
     except RuntimeError as e:
-        for fname, md5 in _tv("datasets.imagenet").ARCHIVE_META.values():
+        for fname, md5 in tv_module("datasets.imagenet").ARCHIVE_META.values():
             if fname in str(e):
                 raise NcdError(
                     f"dataset '{name}': checksum mismatch for {root / fname} (expected md5 "
@@ -419,11 +419,11 @@ def load_imagenet(root: str | os.PathLike, split: str, transform: Callable | Non
         return FileDataset(ds.samples, ds.wnids, transform, resize=resize)
     name = f"imagenet-{subset}"
     classes = imagenet_subset_classes(subset)
-    if not ((root / _tv("datasets.imagenet").META_FILE).is_file() and (root / split).is_dir()):
+    if not ((root / tv_module("datasets.imagenet").META_FILE).is_file() and (root / split).is_dir()):
         open_imagenet(root, split, name)  # first use: parse the archives
     # Walk only the subset's class folders instead of all 1000.
     present = {w: i for i, (w, _) in enumerate(classes) if (root / split / w).is_dir()}
-    samples = _tv("datasets.folder").make_dataset(str(root / split), present, _tv("datasets.folder").IMG_EXTENSIONS,
+    samples = tv_module("datasets.folder").make_dataset(str(root / split), present, tv_module("datasets.folder").IMG_EXTENSIONS,
                                      allow_empty=True) if present else []
     if not samples:
         raise NcdError(f"dataset '{name}': no images of its classes in {root / split}")
@@ -461,7 +461,7 @@ def imagefolder_classes(root: str | os.PathLike) -> list[str]:
 
 def _loose_images(folder: Path) -> list[str]:
     return sorted(str(folder / f) for f in os.listdir(folder)
-                  if _tv("datasets.folder").is_image_file(f) and (folder / f).is_file())
+                  if tv_module("datasets.folder").is_image_file(f) and (folder / f).is_file())
 
 
 def imagefolder_samples(root: str | os.PathLike, split: str) -> list[tuple[str, int]]:
@@ -471,13 +471,13 @@ def imagefolder_samples(root: str | os.PathLike, split: str) -> list[tuple[str, 
     classes = imagefolder_classes(root)
     if _class_dirs(folder):
         class_to_idx = {c: i for i, c in enumerate(classes) if (folder / c).is_dir()}
-        samples = _tv("datasets.folder").make_dataset(str(folder), class_to_idx, _tv("datasets.folder").IMG_EXTENSIONS,
+        samples = tv_module("datasets.folder").make_dataset(str(folder), class_to_idx, tv_module("datasets.folder").IMG_EXTENSIONS,
                                          allow_empty=True)
     else:
         samples = [(f, -1) for f in _loose_images(folder)]
     if not samples:
         raise NcdError(f"dataset 'imagefolder': no images in {folder} (extensions: "
-                       + ", ".join(_tv("datasets.folder").IMG_EXTENSIONS) + ")")
+                       + ", ".join(tv_module("datasets.folder").IMG_EXTENSIONS) + ")")
     return samples
 
 
