@@ -268,7 +268,13 @@ def check_semantics(config: dict[str, Any], *, data_checks: bool = True) -> None
 def check_augment_backend(name: str, exp: dict[str, Any]) -> None:
     """``augment.backend: batched`` with an augmentation that has no batched path, caught before any job
     runs (the view builders of ncd.data.batched*, ncd.data.cld and ncd.methods.sela_eval refuse the same)."""
-    if (exp.get("augment") or {}).get("backend", "pil") != "batched":
+    aug = exp.get("augment") or {}
+    own = [st.name for st in stages_of(exp["method"])]
+    for st in aug.get("stages") or {}:
+        if st not in own:
+            raise NcdError(f"experiment '{name}': augment.stages names stage {st!r}, which method "
+                           f"'{exp['method']}' does not have; expected one of: {', '.join(own)}")
+    if "batched" not in stage_backends(exp).values():
         return
 
     def refuse(what: str, expected: str) -> None:
@@ -688,6 +694,24 @@ def _slice_keys(stage: str, evaluate: bool = False) -> tuple[str, ...]:
     return SHARED_KEYS + st.blocks + (EVALUATE_BLOCKS if evaluate else ())
 
 
+def resolved_augment(augment: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The experiment's ``augment`` block as ``stage`` sees it: ``augment.stages[stage]`` (when named)
+    replaces ``backend`` and ``stages`` is dropped, so a stage's slice and hash change only when its
+    own backend does."""
+    out = {k: v for k, v in augment.items() if k != "stages"}
+    per = augment.get("stages") or {}
+    if stage in per:
+        out["backend"] = per[stage]
+    return out
+
+
+def stage_backends(exp: dict[str, Any]) -> dict[str, str]:
+    """The augmentation backend each stage of the experiment runs with (``augment.backend``, or its
+    ``augment.stages`` override)."""
+    aug = exp.get("augment") or {}
+    return {st.name: str(resolved_augment(aug, st.name).get("backend", "pil")) for st in stages_of(exp["method"])}
+
+
 def stage_slice(exp: dict[str, Any], stage: str, evaluate: bool = False) -> dict[str, Any]:
     """What ``stage`` (or, with ``evaluate``, the evaluation of its artifact) receives and hashes.
 
@@ -700,6 +724,8 @@ def stage_slice(exp: dict[str, Any], stage: str, evaluate: bool = False) -> dict
     out = {k: copy.deepcopy(exp[k]) for k in _slice_keys(stage, evaluate) if k in exp}
     # cluster requests (memory, time limit, the GPU ask) change no result
     out["runtime"] = {k: v for k, v in out.get("runtime", {}).items() if k not in RUNTIME_REQUESTS}
+    if isinstance(out.get("augment"), dict):
+        out["augment"] = resolved_augment(out["augment"], stage)
     ups = {stage: stage_hash(exp, stage)} if evaluate else \
         {up: stage_hash(exp, up) for up in STAGES[stage].inputs_for(exp).values()}
     if ups:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from ncd.cli import main
-from ncd.config import SCHEMA_DIR, check_stage_config, load_config, schema, stage_config
+from ncd.config import SCHEMA_DIR, check_stage_config, load_config, schema, stage_backends, stage_config
 from ncd.errors import NcdError
 from ncd.errors import Preempted
 from ncd.methods.common import KILL_AFTER_SAVE, KILL_MID_EPOCH, SIGNAL_MID_EPOCH
@@ -253,7 +253,7 @@ def test_the_other_augmentation_backend_resumes_exactly(config, work, tmp_path, 
     from generators seeded from them."""
     _ensure(config, work, stage)
     exp = EXPERIMENT[STAGES[stage].method]
-    default = (config["experiments"][exp].get("augment") or {}).get("backend", "pil")
+    default = stage_backends(config["experiments"][exp])[stage]
     other = "pil" if default == "batched" else "batched"
     cfg = copy.deepcopy(config)
     cfg["experiments"][exp]["augment"] = {"backend": other}

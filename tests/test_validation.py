@@ -218,6 +218,55 @@ def test_batched_augmentation_with_a_batched_path_passes(cfg):
     validate(cfg)
 
 
+@pytest.mark.parametrize("stages, fragment", [
+    ({"selflabel": "batched"}, "experiment 'scan_digits': augment.backend 'batched' has no batched path for "
+                               "transform.resize 12"),
+    ({"discover": "batched"}, "experiment 'scan_digits': augment.stages names stage 'discover', which method "
+                              "'scan' does not have; expected one of: pretrain, mine, pretext_kmeans, scan, selflabel"),
+    ({"pretrain": "gpu"}, "augment.stages.pretrain"),
+])
+def test_per_stage_backends_are_checked_like_the_experiment_backend(cfg, stages, fragment):
+    """``augment.stages`` switching one stage to batched meets the same refusals as ``augment.backend``; a
+    stage the method does not have, or a backend that does not exist, is named."""
+    cfg["experiments"]["scan_digits"].update(augment={"backend": "pil", "stages": stages}, transform={"resize": 12})
+    if "resize" not in fragment:
+        cfg["experiments"]["scan_digits"]["transform"] = {"resize": 0}
+    msg = _error(cfg)
+    assert fragment in msg
+    if stages == {"pretrain": "gpu"}:
+        assert "'gpu'" in msg and "pil" in msg and "batched" in msg
+
+
+def test_a_per_stage_backend_reaches_only_that_stage_slice(cfg):
+    """``augment.stages: {pretrain: batched}``: the pretrain slice carries backend batched, every other
+    stage's carries the experiment's backend and no ``stages`` key, so a per-stage entry that repeats the
+    experiment's backend changes no hash at all."""
+    from ncd.config import StageConfig
+    from ncd.data.batched import augment_backend
+
+    cfg["experiments"]["scan_digits"]["augment"] = {"backend": "pil"}
+    plain = copy.deepcopy(cfg)
+    cfg["experiments"]["scan_digits"]["augment"] = {"backend": "pil", "stages": {"pretrain": "batched"}}
+    validate(cfg)
+    assert stage_config(cfg, "scan_digits", "pretrain")["augment"] == {"backend": "batched"}
+    for st in ("mine", "scan", "selflabel"):
+        sl = stage_config(cfg, "scan_digits", st)
+        assert sl.get("augment", {"backend": "pil"}) == {"backend": "pil"}  # mine makes no views
+        assert sl["upstream"] != stage_config(plain, "scan_digits", st)["upstream"]  # pretrain changed upstream
+    same = copy.deepcopy(plain)
+    same["experiments"]["scan_digits"]["augment"] = {"backend": "pil", "stages": {"selflabel": "pil"}}
+    validate(same)
+    validate(plain)
+    for st in ("pretrain", "mine", "scan", "selflabel"):
+        for ev in (False, True):
+            assert stage_config(same, "scan_digits", st, ev) == stage_config(plain, "scan_digits", st, ev)
+    # a stage run by hand with the unresolved block reads its own entry
+    raw = {"augment": {"backend": "pil", "stages": {"pretrain": "batched"}}}
+    assert augment_backend(StageConfig(raw, "pretrain", ["augment"])) == "batched"
+    assert augment_backend(StageConfig(raw, "scan", ["augment"])) == "pil"
+    assert augment_backend({"augment": {"backend": "batched"}}) == "batched"
+
+
 # --- 4. counts larger than the data --------------------------------------------------------------
 
 BATCH = "the stage's training data (it drops the last partial batch, so no batch would be left)"

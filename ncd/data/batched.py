@@ -382,8 +382,12 @@ class DeviceAugment:
 
 
 def augment_backend(cfg: dict[str, Any]) -> str:
-    """The experiment's ``augment.backend`` (``pil`` when unset)."""
-    return str((cfg.get("augment") or {}).get("backend", "pil"))
+    """The stage's augmentation backend (``pil`` when unset): ``augment.backend``, or the
+    ``augment.stages`` entry of the stage whose config ``cfg`` is (a :class:`ncd.config.StageConfig`;
+    the workflow's slices hold the resolved backend already)."""
+    aug = cfg.get("augment") or {}
+    stage = getattr(cfg, "stage", None)
+    return str((aug.get("stages") or {}).get(stage, aug.get("backend", "pil")))
 
 
 def view_options(kind: str, overrides: dict[str, Any]) -> dict[str, Any]:

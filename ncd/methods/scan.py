@@ -14,7 +14,7 @@ import torch
 
 from ncd.checkpoint import load_model, load_state_strict, save_model
 from ncd.data import build_dataset, get_info
-from ncd.data.batched import RawNeighbors
+from ncd.data.batched import RawNeighbors, augment_backend
 from ncd.data.batched_strong import device_views
 from ncd.data.wrappers import NeighborsDataset, Transformed
 from ncd.errors import NcdError
@@ -165,7 +165,7 @@ def run_scan(ctx: RunContext, pretrain_ckpt: Path, neighbors: Path, out: Path) -
     base = build_dataset(dataset, ctx.data_root, info.train_split)
     val_ds = Transformed(build_dataset(dataset, ctx.data_root, info.test_split), ctx.transform("val", info))
     nb = load_neighbors(neighbors, sizes={"train": len(base), "test": len(val_ds)})
-    backend = ctx.cfg.get("augment", {}).get("backend", "pil")
+    backend = augment_backend(ctx.cfg)
     views = None
     if backend == "batched":
         options = {**ctx.cfg.get("transform", {}), **(sc.get("augment") or {})}

@@ -12,7 +12,7 @@ import torch
 
 from ncd.checkpoint import load_model, load_state_strict, save_model
 from ncd.data import build_dataset, get_info
-from ncd.data.batched import RawImages
+from ncd.data.batched import RawImages, augment_backend
 from ncd.data.batched_strong import device_views
 from ncd.data.wrappers import Transformed, WeakStrong
 from ncd.errors import NcdError
@@ -159,7 +159,7 @@ def run_selflabel(ctx: RunContext, scan_ckpt: Path, out: Path) -> None:
     model.cluster_head[0].load_state_dict(scan_model.cluster_head[head].state_dict())
     weak = ctx.transform("val", info)
     base = build_dataset(dataset, ctx.data_root, info.train_split)
-    backend = ctx.cfg.get("augment", {}).get("backend", "pil")
+    backend = augment_backend(ctx.cfg)
     views = None
     if backend == "batched":
         shared = dict(ctx.cfg.get("transform", {}))

@@ -12,7 +12,7 @@ from torchvision.datasets.utils import check_integrity, download_url
 
 from ncd.checkpoint import load_state_strict, save_model, sub_state
 from ncd.data import build_dataset, get_info
-from ncd.data.batched import RawImages, SimCLRViews, apply_views, simclr_views
+from ncd.data.batched import RawImages, SimCLRViews, apply_views, augment_backend, simclr_views
 from ncd.data.wrappers import MultiView
 from ncd.errors import NcdError
 from ncd.losses import simclr_loss
@@ -76,7 +76,7 @@ def run_pretrain(ctx: RunContext, out: Path) -> None:
     head, fdim = sc.get("head", "mlp"), int(sc.get("features_dim", 128))
     model = ContrastiveModel(backbone, dim, head=head, features_dim=fdim)
     base = build_dataset(dataset, ctx.data_root, info.pretrain_split)
-    backend = ctx.cfg.get("augment", {}).get("backend", "pil")
+    backend = augment_backend(ctx.cfg)
     views = None
     if backend == "batched":
         options = {**ctx.cfg.get("transform", {}), **(sc.get("augment") or {})}
