@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ncd.config import resolved_augment
 from ncd.data.datasets import tv_module
 from ncd.data.registry import DatasetInfo
 from ncd.data.transforms import _DEFAULTS
@@ -386,7 +385,9 @@ def augment_backend(cfg: dict[str, Any]) -> str:
     """The stage's augmentation backend (``pil`` when unset): ``augment.backend``, or the
     ``augment.stages`` entry of the stage whose config ``cfg`` is (a :class:`ncd.config.StageConfig`;
     the workflow's slices hold the resolved backend already)."""
-    return str(resolved_augment(cfg.get("augment") or {}, getattr(cfg, "stage", "")).get("backend", "pil"))
+    aug = cfg.get("augment") or {}
+    stage = getattr(cfg, "stage", None)
+    return str((aug.get("stages") or {}).get(stage, aug.get("backend", "pil")))
 
 
 def view_options(kind: str, overrides: dict[str, Any]) -> dict[str, Any]:
