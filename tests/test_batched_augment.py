@@ -34,6 +34,7 @@ from ncd.data.batched import (
     SimCLRViews,
     _shr,
     apply_views,
+    hue_shift,
     key_hash,
     simclr_views,
 )
@@ -229,6 +230,60 @@ def test_pixels_match_the_pil_ops_for_fixed_parameters(case: str) -> None:
     assert diff.max() <= worst + 1e-3, f"{diff.max():.2f} grey levels"
     assert diff.flatten().quantile(0.99) <= p99 + 1e-3
     assert diff.mean() < 1.5
+
+
+def kornia_slots(v: SimCLRViews, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Reference for :meth:`SimCLRViews.color`: Kornia's four colour functions applied one after
+    another in each slot, every image with its own factor where the slot's operation is its own and
+    the neutral factor elsewhere, then rounded to the 8-bit grid."""
+    from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
+                                adjust_hue, adjust_saturation_with_gray_subtraction)
+
+    applied, order, f = p[:, P_JITTER] > 0.5, p[:, P_ORDER].long(), p[:, P_FACTORS].float()
+    rgb = x.shape[1] == 3
+    for slot in range(4):
+        mine = [applied & (order[:, slot] == k) for k in range(4)]
+        x = adjust_brightness_accumulative(x, torch.where(mine[0], f[:, 0], 1.0))
+        x = adjust_contrast_with_mean_subtraction(x, torch.where(mine[1], f[:, 1], 1.0))
+        if rgb:
+            x = adjust_saturation_with_gray_subtraction(x, torch.where(mine[2], f[:, 2], 1.0))
+            shift = torch.where(mine[3], torch.trunc(f[:, 3] * 255) / 255, 0.0)
+            x = torch.where(mine[3].view(-1, 1, 1, 1), adjust_hue(x, shift * 2 * torch.pi), x)
+        x = torch.round(x * 255) / 255
+    return x
+
+
+@pytest.mark.parametrize("channels,jitter,jitter_p,n", [
+    (3, (0.4, 0.4, 0.4, 0.1), 0.8, 64), (3, (0.8, 0.8, 0.8, 0.5), 1.0, 200), (3, (0.4, 0.0, 0.4, 0.0), 0.8, 33),
+    (1, (0.4, 0.4, 0.0, 0.0), 0.8, 100), (1, (0.9, 0.2, 0.0, 0.0), 1.0, 17)])
+def test_fused_colour_equals_kornias_operations_slot_by_slot(channels: int, jitter, jitter_p: float, n: int) -> None:
+    v = SimCLRViews(16, [0.5] * channels, [0.5] * channels, jitter=jitter, jitter_p=jitter_p, seed=n)
+    g = torch.Generator().manual_seed(n)
+    x = torch.round(torch.rand(n, channels, 16, 16, generator=g) * 255) / 255
+    x[: n // 8] = x[: n // 8, :1]  # grey pixels, whose hue is undefined
+    p = v.params(torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], dim=1), 16, 16)
+    got, want = v.color(x, p), kornia_slots(v, x, p)
+    diff = (got - want).abs() * 255
+    # the same float operations, except hue's closed form: at most a rare rounding tie on the 8-bit grid
+    assert diff.max() <= 1 + 1e-4
+    assert (diff > 1e-4).float().mean() < 1e-3
+    assert not torch.equal(got, x)
+
+
+@pytest.mark.parametrize("shape,scale", [((5, 3, 7, 9), 0.5), ((40, 3, 4, 4), 0.1), ((2, 3, 32, 32), 1.0)])
+def test_hue_shift_is_kornias_hsv_round_trip(shape: tuple, scale: float) -> None:
+    from kornia.enhance import adjust_hue
+
+    g = torch.Generator().manual_seed(shape[0])
+    x = torch.rand(*shape, generator=g)
+    x[0, 1] = x[0, 0]                       # ties for the largest channel (red = green)
+    x[0, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])  # pure red, at the wrap-around of the hue circle
+    x[-1] = x[-1, 2:3]                      # grey
+    shift = (torch.rand(shape[0], generator=g) * 2 - 1) * scale
+    got = hue_shift(x, shift)
+    assert torch.allclose(got, adjust_hue(x, shift * 2 * torch.pi), atol=2e-5)
+    assert torch.allclose(hue_shift(x, torch.zeros(shape[0])), x, atol=2e-6)
+    assert torch.allclose(got[-1], x[-1])  # grey stays grey
 
 
 def test_bad_input_is_refused() -> None:

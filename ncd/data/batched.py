@@ -12,12 +12,14 @@ onto the training device, for the whole batch at once:
   transform's distributions (the same algorithms: torchvision's ``get_params`` vectorised);
 * :class:`SimCLRViews` then applies them: PIL's bilinear resampling of every image's box (crop,
   resize and flip: two batched products with per-image coefficient matrices, antialiased where a box
-  shrinks), Kornia's colour functions (``kornia.enhance``) with per-image factors, Kornia's
+  shrinks), Kornia's colour operations (``kornia.enhance``'s formulas) with per-image factors, Kornia's
   grayscale, normalisation.
 
 What Kornia lacks and is written here: its ``ColorJitter`` draws one order of the four colour
-operations per batch, while torchvision draws one per image, so the order is applied slot by slot;
-its parameter generators draw from torch's global generator, not from (seed, epoch, index); and its
+operations per batch, while torchvision draws one per image, so the order is applied slot by slot,
+with brightness, contrast and saturation fused into one per-image map per slot (Kornia's formulas,
+the same float operations) and hue in the closed form of the HSV round trip (:func:`hue_shift`;
+Kornia's round trip took three quarters of a CIFAR view's time); its parameter generators draw from torch's global generator, not from (seed, epoch, index); and its
 ``crop_and_resize`` maps box corners onto the output's corner pixels and does not widen its filter
 when it shrinks, while PIL maps pixel edges onto pixel edges, keeps to the box and antialiases, so
 the crop is PIL's resampling (``ImagingResample``) written as per-image coefficient matrices. Values
@@ -93,6 +95,23 @@ def uniform(h: torch.Tensor, draws: int) -> torch.Tensor:
     """``[..., draws]`` float64 uniforms in [0, 1): draw ``k`` = the top 53 bits of ``mix(h ^ k)``."""
     k = torch.arange(draws, device=h.device, dtype=torch.int64)
     return _shr(_mix(h[..., None] ^ k), 11).to(torch.float64) * (2.0 ** -53)
+
+
+def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images ``x`` (``[B, 3, H, W]`` in [0, 1]) by ``shift[b]`` of the full
+    circle, keeping HSV's saturation and value: what Kornia's ``adjust_hue`` (RGB → HSV, shift, HSV →
+    RGB) computes, in one pass. With ``V = max``, ``C = max − min`` and the hue ``H`` in sixths of the
+    circle (Kornia's case split, so ties pick the same sector), channel ``n`` ∈ (R 5, G 3, B 1) is
+    ``V − C·clamp(min(k, 4 − k), 0, 1)``, ``k = (n + H') mod 6`` (the closed form of HSV → RGB);
+    grey pixels (``C = 0``) stay as they are."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)
+    cs = torch.where(c == 0, torch.ones_like(c), c)
+    h = torch.where((r >= g) & (r >= b), (g - b) / cs, torch.where(g >= b, (b - r) / cs + 2, (r - g) / cs + 4))
+    h = torch.remainder(h + 6 * shift.to(x.dtype).view(-1, 1, 1), 6)
+    k = torch.remainder(h.unsqueeze(1) + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1), 6)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0.0, 1.0)
 
 
 class SimCLRViews(torch.nn.Module):
@@ -175,6 +194,11 @@ class SimCLRViews(torch.nn.Module):
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x * 255.0) / 255.0 if self.quantize else x
 
+    def _q_(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_q` in place (the same operations, so the same bits) on a tensor nothing else holds:
+        on the CPU a fresh batch-sized result per step costs more than the arithmetic."""
+        return x.mul_(255.0).round_().div_(255.0) if self.quantize else x
+
     def _resample_weights(self, start: torch.Tensor, length: torch.Tensor, full: int,
                           flip: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, S, full]``: PIL's bilinear resampling coefficients of each image's box ``[start, start +
@@ -204,24 +228,25 @@ class SimCLRViews(torch.nn.Module):
         p = params.to(device=x.device, dtype=torch.float32)
         wx = self._resample_weights(p[:, P_LEFT], p[:, P_W], ww, p[:, P_FLIP]).to(x.dtype)
         wy = self._resample_weights(p[:, P_TOP], p[:, P_H], hh).to(x.dtype)
-        x = self._q_half_up(torch.matmul(x, wx.transpose(1, 2)[:, None]))  # [B, C, H, S]
-        return self._q_half_up(torch.matmul(wy[:, None], x))                # [B, C, S, S]
+        x = self._q_half_up_(torch.matmul(x, wx.transpose(1, 2)[:, None]))  # [B, C, H, S]
+        return self._q_half_up_(torch.matmul(wy[:, None], x))                # [B, C, S, S]
 
-    def _q_half_up(self, x: torch.Tensor) -> torch.Tensor:
+    def _q_half_up_(self, x: torch.Tensor) -> torch.Tensor:
         # PIL's fixed-point resampling rounds halves up (torch.round rounds them to even); the small
-        # offset keeps a sum that float arithmetic puts a hair under a half on PIL's side of it
-        return torch.floor(x * 255.0 + (0.5 + 1e-4)) / 255.0 if self.quantize else x
+        # offset keeps a sum that float arithmetic puts a hair under a half on PIL's side of it.
+        # In place: x is a fresh product nothing else holds.
+        return x.mul_(255.0).add_(0.5 + 1e-4).floor_().div_(255.0) if self.quantize else x
 
     def color(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Colour jitter with each image's own order and factors, without gathering images: in each of
-        the four slots every image passes through all four operations, with the neutral factor (an
-        exact identity) for the three that are not its operation in that slot."""
-        from kornia.enhance import (
-            adjust_brightness_accumulative,
-            adjust_contrast_with_mean_subtraction,
-            adjust_hue,
-            adjust_saturation_with_gray_subtraction,
-        )
+        """Colour jitter with each image's own order and factors. In each of the four slots an image
+        undergoes exactly one operation, so brightness, contrast and saturation are one per-image map
+        ``clamp(a·x + b·gray(x) + c·mean(gray(x)), 0, 1)`` over the whole batch: brightness ``(f, 0,
+        0)``, contrast ``(f, 0, 1 − f)``, saturation ``(f, 1 − f, 0)``, anything else ``(1, 0, 0)``.
+        These are the float operations of Kornia's ``adjust_brightness_accumulative``,
+        ``adjust_contrast_with_mean_subtraction`` and ``adjust_saturation_with_gray_subtraction``
+        (the added zero terms are exact), so the bits are theirs, in one pass instead of three per slot;
+        the images whose operation is hue then go through :func:`hue_shift`."""
+        from kornia.color import rgb_to_grayscale
 
         p = params.to(device=x.device)
         applied = p[:, P_JITTER] > 0.5
@@ -230,31 +255,33 @@ class SimCLRViews(torch.nn.Module):
         order = p[:, P_ORDER].long()
         factors = p[:, P_FACTORS].to(x.dtype)
         rgb = x.shape[1] == 3
-        active = [self.ranges[0] is not None, self.ranges[1] is not None,
-                  rgb and self.ranges[2] is not None, rgb and self.ranges[3] is not None]
+        # saturation and hue leave a 1-channel image as it is; an operation whose range is off has its
+        # neutral factor in every row already
+        n_ops = 4 if rgb else 2
+        hue_on = rgb and self.ranges[3] is not None
+        one, zero = torch.ones_like(factors[:, 0]), torch.zeros_like(factors[:, 0])
         for slot in range(4):
-            op = order[:, slot]
-
-            def factor(k: int) -> torch.Tensor:
-                return torch.where(applied & (op == k), factors[:, k], torch.full_like(factors[:, k], _NEUTRAL[k]))
-
-            if active[0]:
-                x = adjust_brightness_accumulative(x, factor(0))
-            if active[1]:
-                x = adjust_contrast_with_mean_subtraction(x, factor(1))
-            if active[2]:
-                x = adjust_saturation_with_gray_subtraction(x, factor(2))
-            if active[3]:
-                # torchvision's hue factor is a fraction of the circle, Kornia's an angle in radians; PIL
-                # shifts its 8-bit hue channel by int(f * 255) steps (truncated), which quantize mimics.
-                # Hue 0 is not an exact identity (an HSV round trip, the costly step), so only the
-                # images whose operation in this slot is hue go through it: each image once in all.
-                idx = torch.nonzero(applied & (op == 3)).flatten()
+            op = torch.where(applied, order[:, slot], torch.full_like(order[:, slot], -1))
+            a = torch.where(op == 0, factors[:, 0], one)
+            for k in range(1, min(n_ops, 3)):
+                a = torch.where(op == k, factors[:, k], a)
+            y = x * a.view(-1, 1, 1, 1)
+            if rgb:
+                gray = rgb_to_grayscale(x)
+                y.add_(torch.where(op == 2, 1 - factors[:, 2], zero).view(-1, 1, 1, 1) * gray)
+                mean = gray.mean((-2, -1), True)
+            else:
+                mean = x.mean((-3, -2, -1), True)
+            y.add_(mean * torch.where(op == 1, 1 - factors[:, 1], zero).view(-1, 1, 1, 1))
+            y.clamp_(0.0, 1.0)
+            if hue_on:
+                # PIL shifts its 8-bit hue channel by int(f * 255) steps (truncated), which quantize mimics
+                idx = torch.nonzero(op == 3).flatten()
                 if idx.numel():
                     f = factors[idx, 3]
                     f = torch.trunc(f * 255) / 255 if self.quantize else f
-                    x = x.index_put((idx,), adjust_hue(x[idx], f * (2 * torch.pi)))
-            x = self._q(x)
+                    y = y.index_put((idx,), hue_shift(y[idx], f))
+            x = self._q_(y)
         return x
 
     def grayscale(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
