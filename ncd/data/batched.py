@@ -101,17 +101,26 @@ def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue of RGB images ``x`` (``[B, 3, H, W]`` in [0, 1]) by ``shift[b]`` of the full
     circle, keeping HSV's saturation and value: what Kornia's ``adjust_hue`` (RGB → HSV, shift, HSV →
     RGB) computes, in one pass. With ``V = max``, ``C = max − min`` and the hue ``H`` in sixths of the
-    circle (Kornia's case split, so ties pick the same sector), channel ``n`` ∈ (R 5, G 3, B 1) is
+    circle (Kornia's case split: ties go to red, then green), channel ``n`` ∈ (R 5, G 3, B 1) is
     ``V − C·clamp(min(k, 4 − k), 0, 1)``, ``k = (n + H') mod 6`` (the closed form of HSV → RGB);
     grey pixels (``C = 0``) stay as they are."""
+    # Branch-free: comparisons, torch.where and bool masks cost several times an arithmetic op on
+    # the CPU. sign(channel − V) + 1 is exactly 1 where that channel is the largest and 0 elsewhere,
+    # and red, then green, win ties as in Kornia's case split, so the 0/1 weights below select one case.
     r, g, b = x.unbind(1)
     v = x.amax(1)
     c = v - x.amin(1)
-    cs = torch.where(c == 0, torch.ones_like(c), c)
-    h = torch.where((r >= g) & (r >= b), (g - b) / cs, torch.where(g >= b, (b - r) / cs + 2, (r - g) / cs + 4))
-    h = torch.remainder(h + 6 * shift.to(x.dtype).view(-1, 1, 1), 6)
-    k = torch.remainder(h.unsqueeze(1) + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1), 6)
-    return v.unsqueeze(1) - c.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0.0, 1.0)
+    ir = torch.sign(r - v).add_(1)
+    ig = torch.sign(g - v).add_(1).mul_(1 - ir)
+    ib = (1 - ir).sub_(ig)
+    h = (g - b).mul_(ir).add_((b - r).mul_(ig)).add_((r - g).mul_(ib))
+    # grey pixels: 0 / tiny = hue 0, and C = 0 leaves them unchanged below
+    h.div_(c.clamp(min=torch.finfo(x.dtype).tiny))
+    h.add_(ig.mul_(2).add_(ib.mul_(4)).add_(6 * shift.to(x.dtype).view(-1, 1, 1)))
+    k = h.unsqueeze(1) + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k.sub_(torch.floor(k * (1 / 6)).mul_(6))  # mod 6 (the result is continuous across the wrap)
+    w = torch.minimum(k, k.neg().add_(4)).clamp_(0.0, 1.0)
+    return w.mul_(c.unsqueeze(1)).neg_().add_(v.unsqueeze(1))
 
 
 class SimCLRViews(torch.nn.Module):
@@ -208,16 +217,16 @@ class SimCLRViews(torch.nn.Module):
         s = self.size
         scale = (length / s).view(-1, 1, 1)
         support = torch.clamp(scale, min=1.0)
-        u = torch.arange(s, device=start.device, dtype=start.dtype).view(1, -1, 1) + 0.5
-        centre = start.view(-1, 1, 1) + u * scale                                   # [B, S, 1]
+        u = torch.arange(s, device=start.device, dtype=start.dtype).view(1, -1, 1)
+        if flip is not None:  # a flipped output reads its columns right to left: u → S − 1 − u (exact integers)
+            u = u + (flip > 0.5).to(u.dtype).view(-1, 1, 1) * (s - 1 - 2 * u)
+        centre = start.view(-1, 1, 1) + (u + 0.5) * scale                           # [B, S, 1]
         j = torch.arange(full, device=start.device, dtype=start.dtype).view(1, 1, -1)
-        w = torch.clamp(1.0 - (j + 0.5 - centre).abs() / support, min=0.0)
-        inside = (j >= start.view(-1, 1, 1)) & (j < (start + length).view(-1, 1, 1))
-        w = w * inside
-        w = w / w.sum(dim=-1, keepdim=True)
-        if flip is not None:  # a flipped output reads its columns right to left
-            w = torch.where(flip.view(-1, 1, 1) > 0.5, w.flip(1), w)
-        return w
+        # clamp(1 − |j + ½ − centre| / support, 0), in place on the one [B, S, full] tensor
+        w = (j + 0.5 - centre).abs_().div_(support).neg_().add_(1.0).clamp_(min=0.0)
+        inside = (j >= start.view(-1, 1, 1)) & (j < (start + length).view(-1, 1, 1))    # [B, 1, full]
+        w.mul_(inside.to(w.dtype))
+        return w.div_(w.sum(dim=-1, keepdim=True))
 
     def resized_crop(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Every image's box resized to ``S × S`` and flipped where its flip is set: PIL's two separable
@@ -228,7 +237,10 @@ class SimCLRViews(torch.nn.Module):
         p = params.to(device=x.device, dtype=torch.float32)
         wx = self._resample_weights(p[:, P_LEFT], p[:, P_W], ww, p[:, P_FLIP]).to(x.dtype)
         wy = self._resample_weights(p[:, P_TOP], p[:, P_H], hh).to(x.dtype)
-        x = self._q_half_up_(torch.matmul(x, wx.transpose(1, 2)[:, None]))  # [B, C, H, S]
+        b, c, s = x.shape[0], x.shape[1], self.size
+        # the horizontal pass as one product per image over all its rows ([C·H, W] @ [W, S]), which
+        # needs no copy of the coefficients per channel
+        x = self._q_half_up_(torch.bmm(x.reshape(b, c * hh, ww), wx.transpose(1, 2)).view(b, c, hh, s))
         return self._q_half_up_(torch.matmul(wy[:, None], x))                # [B, C, S, S]
 
     def _q_half_up_(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,28 +271,30 @@ class SimCLRViews(torch.nn.Module):
         # neutral factor in every row already
         n_ops = 4 if rgb else 2
         hue_on = rgb and self.ranges[3] is not None
-        one, zero = torch.ones_like(factors[:, 0]), torch.zeros_like(factors[:, 0])
+        # per image and slot: the operation (-1 none) and the coefficients a, b, c of the map above
+        op = torch.where(applied[:, None], order, torch.full_like(order, -1))             # [B, 4]
+        one, zero = torch.ones_like(op, dtype=x.dtype), torch.zeros_like(op, dtype=x.dtype)
+        a = torch.where(op == 0, factors[:, 0:1], one)
+        for k in range(1, min(n_ops, 3)):
+            a = torch.where(op == k, factors[:, k:k + 1], a)
+        b = torch.where(op == 2, 1 - factors[:, 2:3], zero)
+        c = torch.where(op == 1, 1 - factors[:, 1:2], zero)
+        # PIL shifts its 8-bit hue channel by int(f * 255) steps (truncated), which quantize mimics
+        shift = torch.trunc(factors[:, 3] * 255) / 255 if self.quantize else factors[:, 3]
         for slot in range(4):
-            op = torch.where(applied, order[:, slot], torch.full_like(order[:, slot], -1))
-            a = torch.where(op == 0, factors[:, 0], one)
-            for k in range(1, min(n_ops, 3)):
-                a = torch.where(op == k, factors[:, k], a)
-            y = x * a.view(-1, 1, 1, 1)
+            y = x * a[:, slot].view(-1, 1, 1, 1)
             if rgb:
                 gray = rgb_to_grayscale(x)
-                y.add_(torch.where(op == 2, 1 - factors[:, 2], zero).view(-1, 1, 1, 1) * gray)
+                y.add_(b[:, slot].view(-1, 1, 1, 1) * gray)
                 mean = gray.mean((-2, -1), True)
             else:
                 mean = x.mean((-3, -2, -1), True)
-            y.add_(mean * torch.where(op == 1, 1 - factors[:, 1], zero).view(-1, 1, 1, 1))
+            y.add_(mean * c[:, slot].view(-1, 1, 1, 1))
             y.clamp_(0.0, 1.0)
             if hue_on:
-                # PIL shifts its 8-bit hue channel by int(f * 255) steps (truncated), which quantize mimics
-                idx = torch.nonzero(op == 3).flatten()
+                idx = torch.nonzero(op[:, slot] == 3).flatten()
                 if idx.numel():
-                    f = factors[idx, 3]
-                    f = torch.trunc(f * 255) / 255 if self.quantize else f
-                    y = y.index_put((idx,), hue_shift(y[idx], f))
+                    y.index_put_((idx,), hue_shift(y[idx], shift[idx]))
             x = self._q_(y)
         return x
 
@@ -290,15 +304,20 @@ class SimCLRViews(torch.nn.Module):
             return x  # grayscale of a 1-channel image is itself
         from kornia.color import rgb_to_grayscale
 
-        m = (params[:, P_GRAY].to(x.device) > 0.5).view(-1, 1, 1, 1)
-        return torch.where(m, self._q(rgb_to_grayscale(x)).expand_as(x), x)
+        # only the images that turn grey: on the CPU a batch-wide torch.where costs more than this
+        idx = torch.nonzero(params[:, P_GRAY].to(x.device) > 0.5).flatten()
+        if not idx.numel():
+            return x
+        return x.index_put((idx,), self._q(rgb_to_grayscale(x[idx])).expand(-1, 3, -1, -1))
 
     def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, C, H, W]`` and ``[B, NUM_PARAMS]`` → normalised float ``[B, C, S, S]``."""
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise NcdError(f"batched augmentation takes a uint8 batch [B, C, H, W], got {images.dtype} "
                            f"{list(images.shape)}")
-        x = images.float().div_(255.0)
+        # a channels-last batch (a permuted HWC array) made contiguous as uint8: every step below is
+        # elementwise or a per-image product, and runs 1.5x slower on the strided layout
+        x = images.contiguous().float().div_(255.0)
         x = self.resized_crop(x, params)
         if self.grayscale_first:
             x = self.color(self.grayscale(x, params), params)
