@@ -41,52 +41,64 @@ def images(kind: str, n: int) -> list[Image.Image]:
     return [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(n)]
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def paired(a, b, rounds: int) -> tuple[float, float, float]:
+    """Seconds of ``a`` and of ``b`` (medians) and the median of the per-round ratios ``a / b``, the two
+    timed alternately after one warm-up each: on a shared machine both then see the same slowdowns."""
+    a()
+    b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, ts in ((a, ta), (b, tb)):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
 
 
 def augment_rates(batch: int, repeat: int) -> None:
-    print(f"View augmentation, images/s (batch {batch}, median of {repeat}; torch threads {torch.get_num_threads()})")
+    print(f"View augmentation, images/s (batch {batch}, medians of {repeat} alternating rounds; "
+          f"torch threads {torch.get_num_threads()}; × = median of the rounds' ratios)")
     print(f"{'augmentation':<14} {'data':<7} {'PIL, 1 process':>15} {'batched, CPU':>13} {'CPU ×':>6} "
           f"{'batched, GPU':>13} {'GPU ×':>7}")
     for kind in ("simclr", "strong", "uno"):
         for data, ds in (("digits", "digits"), ("cifar", "cifar10")):
             info = get_info(ds, "data")
             imgs = images(data, batch)
+            # [B, C, H, W] contiguous, as the loader's collate stacks RawImages' tensors
             x = torch.stack([torch.from_numpy(np.asarray(im).copy()).reshape(im.size[1], im.size[0], -1).permute(2, 0, 1)
-                             for im in imgs])
+                             for im in imgs]).contiguous()
             keys = torch.stack([torch.zeros(batch, dtype=torch.long), torch.arange(batch)], dim=1)
             if kind == "uno":  # one image's four crops, PIL and batched
                 crops = ["large", "large", "small", "small"]
                 ts = [build_uno_transform(c, info) for c in crops]
                 vs = [build_uno_views(c, info, seed=0, view=k) for k, c in enumerate(crops)]
-                pil = batch / timed(lambda: [[t(im) for t in ts] for im in imgs], max(1, repeat // 2))
+
+                def pil_pass() -> None:
+                    [[t(im) for t in ts] for im in imgs]
 
                 def batched(xx: torch.Tensor, kk: torch.Tensor) -> list[torch.Tensor]:
                     return [v(xx, kk) for v in vs]
             else:
                 t = build_transform(kind, info)
-                pil = batch / timed(lambda: [t(im) for im in imgs], max(1, repeat // 2))
+
+                def pil_pass() -> None:
+                    [t(im) for im in imgs]
+
                 batched = device_views(kind, info, seed=0)
-            cpu = batch / timed(lambda: batched(x, keys), repeat)
+            t_pil, t_cpu, ratio = paired(pil_pass, lambda: batched(x, keys), repeat)
+            pil, cpu = batch / t_pil, batch / t_cpu
             gpu_s = "-"
             gpu_x = "-"
             if torch.cuda.is_available():
                 xg, kg = x.cuda(), keys.cuda()
-                gpu = batch / timed(lambda: batched(xg, kg), repeat)
-                gpu_s, gpu_x = f"{gpu:,.0f}", f"{gpu / pil:,.0f}"
+                _, t_gpu, gpu_ratio = paired(pil_pass, lambda: batched(xg, kg), max(1, repeat // 2))
+                gpu_s, gpu_x = f"{batch / t_gpu:,.0f}", f"{gpu_ratio:,.0f}"
             label = {"simclr": "SimCLR view", "strong": "SCAN strong", "uno": "UNO 2+2 crops"}[kind]
-            print(f"{label:<14} {data:<7} {pil:>15,.0f} {cpu:>13,.0f} {cpu / pil:>6.1f} {gpu_s:>13} {gpu_x:>7}")
+            print(f"{label:<14} {data:<7} {pil:>15,.0f} {cpu:>13,.0f} {ratio:>6.1f} {gpu_s:>13} {gpu_x:>7}")
 
 
 def train_rates(batch: int, steps: int) -> None:
@@ -171,7 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--train-steps", type=int, default=3, help="0 skips part 2")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
