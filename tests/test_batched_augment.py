@@ -286,6 +286,24 @@ def test_hue_shift_is_kornias_hsv_round_trip(shape: tuple, scale: float) -> None
     assert torch.allclose(got[-1], x[-1])  # grey stays grey
 
 
+def test_steps_leave_their_inputs_unchanged() -> None:
+    """The colour, grayscale and crop steps work in place on their own intermediate tensors only."""
+    info = get_info("cifar10", "data")
+    v = simclr_views(info, seed=1, grayscale_p=0.5)
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(40, 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    p = v.params(torch.stack([torch.zeros(40, dtype=torch.long), torch.arange(40)], dim=1), 32, 32)
+    x = images.float() / 255
+    kept = (images.clone(), x.clone())
+    for step in (v.resized_crop, v.color, v.grayscale):
+        assert not torch.equal(step(x, p), x)
+        assert torch.equal(x, kept[1])
+    out = v.apply(images, p)
+    assert torch.equal(images, kept[0])
+    # a channels-last batch (a permuted HWC array) gives the same views
+    assert torch.equal(v.apply(images.to(memory_format=torch.channels_last), p), out)
+
+
 def test_bad_input_is_refused() -> None:
     v = SimCLRViews(8, [0.5], [0.5])
     with pytest.raises(NcdError, match="uint8"):
