@@ -330,6 +330,16 @@ class SimCLRViews(torch.nn.Module):
         return self.apply(images, self.params(keys, images.shape[-2], images.shape[-1]))
 
 
+def raw_image(base: Dataset, i: int) -> tuple[torch.Tensor, int]:
+    """``base[i]`` as a uint8 ``[C, H, W]`` tensor and its target: the dataset's own ``raw_image``
+    where it has one (an in-memory array needs no PIL image), else ``pil_to_tensor`` of its image."""
+    raw = getattr(base, "raw_image", None)
+    if raw is not None:
+        return raw(i)
+    img, target = base[i]
+    return tv_module("transforms.functional").pil_to_tensor(img), target
+
+
 class RawImages(Dataset):
     """``({"image": uint8 [C, H, W], "key": [epoch, index]}, target, index)``: the decoded image as a
     tensor and its key, for :func:`apply_views` on the device. ``keyed_item`` is what
@@ -342,8 +352,7 @@ class RawImages(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def keyed_item(self, epoch: int, i: int):
-        img, target = self.base[i]
-        image = tv_module("transforms.functional").pil_to_tensor(img)
+        image, target = raw_image(self.base, i)
         return {"image": image, "key": torch.tensor([epoch, i], dtype=torch.int64)}, target, i
 
     def __getitem__(self, i: int):
@@ -365,7 +374,7 @@ class RawNeighbors(RawImages):
     def keyed_item(self, epoch: int, i: int):
         item, target, i = super().keyed_item(epoch, i)
         j = int(np.random.choice(self.neighbors[i]))
-        item["neighbor"] = tv_module("transforms.functional").pil_to_tensor(self.base[j][0])
+        item["neighbor"] = raw_image(self.base, j)[0]
         return item, target, i
 
 

@@ -62,6 +62,12 @@ class ImageDataset(torch.utils.data.Dataset, abc.ABC):
             img = self.transform(img)
         return img, int(self.targets[index])
 
+    def raw_image(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` as a uint8 ``[C, H, W]`` tensor (what ``pil_to_tensor`` gives of it) and its
+        target: the input of the batched augmentation path."""
+        img, target = self[index]
+        return tv_module("transforms.functional").pil_to_tensor(img), target
+
 
 class ArrayDataset(ImageDataset):
     """Images held in a uint8 array: ``[N, H, W]`` (mode L), ``[N, H, W, 3]`` or, with
@@ -81,6 +87,15 @@ class ArrayDataset(ImageDataset):
         if self.channels_first:
             a = a.transpose(1, 2, 0)
         return Image.fromarray(np.ascontiguousarray(a))  # 2-D -> "L", HxWx3 -> "RGB"
+
+    def raw_image(self, index: int) -> tuple[torch.Tensor, int]:
+        """The array's own pixels, without the round trip through a PIL image (the same values; per
+        image it cost several times what the batched augmentation of the image does)."""
+        if self.transform is not None:
+            return super().raw_image(index)
+        a = self.data[index]
+        a = a[None] if a.ndim == 2 else (a if self.channels_first else a.transpose(2, 0, 1))
+        return torch.from_numpy(np.array(a, dtype=np.uint8, order="C")), int(self.targets[index])
 
 
 class FileDataset(ImageDataset):

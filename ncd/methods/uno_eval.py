@@ -78,11 +78,10 @@ class RawRelabeled(Relabeled):
         super().__init__(base, known, novel, [], classes)
 
     def keyed_item(self, epoch: int, i: int):
-        j = int(self.indices[i])
-        img, _ = self.base[j]
-        from torchvision.transforms.functional import pil_to_tensor
+        from ncd.data.batched import raw_image
 
-        return ({"image": pil_to_tensor(img), "key": torch.tensor([epoch, j], dtype=torch.int64)},
+        j = int(self.indices[i])
+        return ({"image": raw_image(self.base, j)[0], "key": torch.tensor([epoch, j], dtype=torch.int64)},
                 int(self.targets[i]), i)
 
     def __getitem__(self, i: int):

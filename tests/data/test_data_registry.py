@@ -138,3 +138,28 @@ def test_datasets_pickle(tmp_path):
         copy = pickle.loads(pickle.dumps(ds))
         assert len(copy) == len(ds)
         np.testing.assert_array_equal(np.asarray(copy[0][0]), np.asarray(ds[0][0]))
+
+
+@pytest.mark.parametrize("shape,channels_first", [((6, 8, 8), False), ((5, 7, 9, 3), False), ((4, 3, 6, 10), True)])
+def test_raw_image_is_pil_to_tensor_of_the_image(shape: tuple, channels_first: bool) -> None:
+    """The batched path's uint8 tensors come straight from the array, equal to the PIL round trip."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from ncd.data.batched import RawImages, raw_image
+    from ncd.data.datasets import ArrayDataset
+
+    data = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    ds = ArrayDataset(data, np.arange(shape[0]) % 3, ["a", "b", "c"], channels_first=channels_first)
+    for i in range(shape[0]):
+        img, target = ds[i]
+        got, t = ds.raw_image(i)
+        assert got.dtype == torch.uint8 and torch.equal(got, pil_to_tensor(img)) and t == target
+        assert torch.equal(RawImages(ds)[i][0]["image"], got)
+    got[...] = 0  # a copy: the dataset's array is not touched
+    assert data.any()
+    # with a transform the item goes through it (and PIL), as before
+    flip = ArrayDataset(data, np.zeros(shape[0]), ["a"], transform=lambda im: im.transpose(Image.FLIP_LEFT_RIGHT),
+                        channels_first=channels_first)
+    assert torch.equal(raw_image(flip, 1)[0], pil_to_tensor(flip[1][0]))
+    assert not torch.equal(raw_image(flip, 1)[0], ds.raw_image(1)[0])
