@@ -150,12 +150,19 @@ def dataset_marker(data_dir: str, dataset: str, data_path: str | None = None, fo
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+    """Seed Python, NumPy and torch (the CPU and every CUDA or MPS device there is)."""
     import torch  # lazily: ncd.utils serves the torch-free config and stage table too
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    # torch.manual_seed's generators, each only where its device exists: torch.manual_seed also queues
+    # a seed for every absent backend (CUDA, XPU, MTIA) with a captured stack trace, 2 ms a call inside
+    # Lightning's deep stack, and the training loop reseeds before every step
+    torch.default_generator.manual_seed(int(seed))
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(int(seed))  # queued until CUDA starts, as torch.manual_seed does
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(int(seed))
 
 
 def config_hash(obj: Any) -> str:

@@ -121,3 +121,30 @@ def test_sela_label_step_on_cuda_equals_cpu():
     a = L.sela_label_step(feats, w, bias, device="cpu")[0]   # (labels, r, c): the labels
     b = L.sela_label_step(feats, w, bias, device="cuda")[0]
     assert (a.cpu() == b.cpu()).float().mean() >= 0.99
+
+
+def _draws(device: str) -> list:
+    import random
+
+    import numpy as np
+
+    return [random.random(), float(np.random.rand()), torch.rand(3).tolist(),
+            torch.rand(3, device=device).tolist() if device != "cpu" else None]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_seed_everything_seeds_what_torch_manual_seed_seeds(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    from ncd.utils import seed_everything
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    want = _draws(device)
+    _draws(device)  # move every stream on
+    seed_everything(seed)
+    assert _draws(device) == want
