@@ -262,8 +262,12 @@ class SimCLRViews(torch.nn.Module):
 
         p = params.to(device=x.device)
         applied = p[:, P_JITTER] > 0.5
-        if not bool(applied.any()):
+        sel = torch.nonzero(applied).flatten()
+        if not sel.numel():
             return x
+        whole, full = sel.numel() == x.shape[0], x
+        if not whole:  # only the images whose jitter was drawn (each image's steps are its own)
+            x, p = x[sel], p[sel]
         order = p[:, P_ORDER].long()
         factors = p[:, P_FACTORS].to(x.dtype)
         rgb = x.shape[1] == 3
@@ -271,8 +275,8 @@ class SimCLRViews(torch.nn.Module):
         # neutral factor in every row already
         n_ops = 4 if rgb else 2
         hue_on = rgb and self.ranges[3] is not None
-        # per image and slot: the operation (-1 none) and the coefficients a, b, c of the map above
-        op = torch.where(applied[:, None], order, torch.full_like(order, -1))             # [B, 4]
+        # per image and slot: the operation and the coefficients a, b, c of the map above
+        op = order
         one, zero = torch.ones_like(op, dtype=x.dtype), torch.zeros_like(op, dtype=x.dtype)
         a = torch.where(op == 0, factors[:, 0:1], one)
         for k in range(1, min(n_ops, 3)):
@@ -285,18 +289,18 @@ class SimCLRViews(torch.nn.Module):
             y = x * a[:, slot].view(-1, 1, 1, 1)
             if rgb:
                 gray = rgb_to_grayscale(x)
-                y.add_(b[:, slot].view(-1, 1, 1, 1) * gray)
-                mean = gray.mean((-2, -1), True)
+                # b·gray + c·mean on one channel, then added once: per image one of the two is an
+                # exact zero, so the sum is the term Kornia adds
+                y.add_((b[:, slot].view(-1, 1, 1, 1) * gray).add_(gray.mean((-2, -1), True) * c[:, slot].view(-1, 1, 1, 1)))
             else:
-                mean = x.mean((-3, -2, -1), True)
-            y.add_(mean * c[:, slot].view(-1, 1, 1, 1))
+                y.add_(x.mean((-3, -2, -1), True) * c[:, slot].view(-1, 1, 1, 1))
             y.clamp_(0.0, 1.0)
             if hue_on:
                 idx = torch.nonzero(op[:, slot] == 3).flatten()
                 if idx.numel():
                     y.index_put_((idx,), hue_shift(y[idx], shift[idx]))
             x = self._q_(y)
-        return x
+        return x if whole else full.index_put((sel,), x)
 
     def grayscale(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """RandomGrayscale: the luma (ITU-R 601-2, as PIL's ``convert("L")``) in all three channels."""
@@ -323,7 +327,8 @@ class SimCLRViews(torch.nn.Module):
             x = self.color(self.grayscale(x, params), params)
         else:
             x = self.grayscale(self.color(x, params), params)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        # in place: every step above returned a tensor of its own (or its input, which is ours)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def forward(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The views of a uint8 batch whose images have the key rows ``(epoch, index)``."""
