@@ -19,12 +19,13 @@ What Kornia lacks and is written here: its ``ColorJitter`` draws one order of th
 operations per batch, while torchvision draws one per image, so the order is applied slot by slot,
 with brightness, contrast and saturation fused into one per-image map per slot (Kornia's formulas,
 the same float operations) and hue in the closed form of the HSV round trip (:func:`hue_shift`;
-Kornia's round trip took three quarters of a CIFAR view's time); its parameter generators draw from torch's global generator, not from (seed, epoch, index); and its
-``crop_and_resize`` maps box corners onto the output's corner pixels and does not widen its filter
-when it shrinks, while PIL maps pixel edges onto pixel edges, keeps to the box and antialiases, so
-the crop is PIL's resampling (``ImagingResample``) written as per-image coefficient matrices. Values
-are rounded to the 8-bit grid after each step, as PIL stores them, so a view agrees with the PIL
-ops applied with the same parameters to within a few grey levels (tests/test_batched_augment.py).
+Kornia's round trip took three quarters of a CIFAR view's time); its parameter generators draw from
+torch's global generator, not from (seed, epoch, index); and its ``crop_and_resize`` maps box
+corners onto the output's corner pixels and does not widen its filter when it shrinks, while PIL
+maps pixel edges onto pixel edges, keeps to the box and antialiases, so the crop is PIL's resampling
+(``ImagingResample``) written as per-image coefficient matrices. Values are rounded to the 8-bit
+grid after each step, as PIL stores them, so a view agrees with the PIL ops applied with the same
+parameters to within a few grey levels (tests/test_batched_augment.py).
 """
 
 from __future__ import annotations
@@ -268,15 +269,14 @@ class SimCLRViews(torch.nn.Module):
         whole, full = sel.numel() == x.shape[0], x
         if not whole:  # only the images whose jitter was drawn (each image's steps are its own)
             x, p = x[sel], p[sel]
-        order = p[:, P_ORDER].long()
+        op = p[:, P_ORDER].long()  # [B, 4]: each slot's operation
         factors = p[:, P_FACTORS].to(x.dtype)
         rgb = x.shape[1] == 3
         # saturation and hue leave a 1-channel image as it is; an operation whose range is off has its
         # neutral factor in every row already
         n_ops = 4 if rgb else 2
         hue_on = rgb and self.ranges[3] is not None
-        # per image and slot: the operation and the coefficients a, b, c of the map above
-        op = order
+        # per image and slot: the coefficients a, b, c of the map above
         one, zero = torch.ones_like(op, dtype=x.dtype), torch.zeros_like(op, dtype=x.dtype)
         a = torch.where(op == 0, factors[:, 0:1], one)
         for k in range(1, min(n_ops, 3)):
@@ -291,7 +291,8 @@ class SimCLRViews(torch.nn.Module):
                 gray = rgb_to_grayscale(x)
                 # b·gray + c·mean on one channel, then added once: per image one of the two is an
                 # exact zero, so the sum is the term Kornia adds
-                y.add_((b[:, slot].view(-1, 1, 1, 1) * gray).add_(gray.mean((-2, -1), True) * c[:, slot].view(-1, 1, 1, 1)))
+                mean = gray.mean((-2, -1), True)
+                y.add_((b[:, slot].view(-1, 1, 1, 1) * gray).add_(mean * c[:, slot].view(-1, 1, 1, 1)))
             else:
                 y.add_(x.mean((-3, -2, -1), True) * c[:, slot].view(-1, 1, 1, 1))
             y.clamp_(0.0, 1.0)
