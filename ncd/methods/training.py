@@ -293,6 +293,10 @@ def fit(module: L.LightningModule, train_loader: DataLoader, ctx: RunContext, ep
         deterministic=bool(rt.get("deterministic", False)),
         benchmark=bool(rt.get("cudnn_benchmark", False)),
     )
+    if bool(rt.get("channels_last", False)):
+        # before the optimiser exists (configure_optimizers runs in trainer.fit): its state then
+        # takes the parameters' layout, and a resumed run loads into the same layout
+        module.to(memory_format=torch.channels_last)
     ckpt = None
     if resume:
         log.info("resuming stage %s from %s", ctx.stage, last)
