@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -34,3 +35,21 @@ def transform_pairs_per_second(transform: Callable, info, n: int) -> float:
     for i in range(n):
         transform(imgs[i % 64]), transform(imgs[i % 64])
     return n / (time.perf_counter() - t0)
+
+
+def paired(a, b, rounds: int) -> tuple[float, float, float]:
+    """Seconds of ``a`` and of ``b`` (medians) and the median of the per-round ratios ``a / b``, the two
+    timed alternately after one warm-up each: on a shared machine both then see the same slowdowns."""
+    a()
+    b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, ts in ((a, ta), (b, tb)):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))

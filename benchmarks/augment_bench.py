@@ -11,14 +11,13 @@ on the CPU with ``--threads`` threads and, when CUDA is available, on the GPU.
 
 Part 2: SimCLR training images/s on CIFAR-10-shaped data with a CIFAR ResNet-18 at ``--batch``:
 the PIL loader (DataLoader workers = CPUs, two views per image) vs the batched path (uint8 batches,
-views made on the training device); on a GPU in bf16 and channels_last, else on the CPU (few steps).
+views made on the training device), channels_last; on a GPU in bf16, else on the CPU in fp32 (few steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import numpy as np
@@ -33,30 +32,14 @@ from ncd.data.uno import build_uno_transform
 from ncd.data.registry import get_info
 from ncd.data.wrappers import MultiView
 
+from _timing import paired  # benchmarks/ is on sys.path
+
 
 def images(kind: str, n: int) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     if kind == "digits":
         return [Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), "L") for _ in range(n)]
     return [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(n)]
-
-
-def paired(a, b, rounds: int) -> tuple[float, float, float]:
-    """Seconds of ``a`` and of ``b`` (medians) and the median of the per-round ratios ``a / b``, the two
-    timed alternately after one warm-up each: on a shared machine both then see the same slowdowns."""
-    a()
-    b()
-    ta, tb = [], []
-    for _ in range(rounds):
-        for fn, ts in ((a, ta), (b, tb)):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
 
 
 def augment_rates(batch: int, repeat: int) -> None:
@@ -114,14 +97,13 @@ def train_rates(batch: int, steps: int) -> None:
     net, dim = build_backbone("resnet18_cifar", 3)
     net = net.to(dev)
     head = torch.nn.Linear(dim, 128).to(dev)
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
+    # channels-last on either device: tensor cores on GPUs, oneDNN's faster kernels on the CPU
+    net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=0.1)
 
     def step(v1: torch.Tensor, v2: torch.Tensor) -> None:
         x = torch.cat([v1, v2])
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             z = torch.nn.functional.normalize(head(net(x)), dim=1)
             sim = z @ z.t() / 0.5
@@ -172,7 +154,7 @@ def train_rates(batch: int, steps: int) -> None:
             torch.cuda.synchronize()
         return steps * batch / (time.perf_counter() - t0)
 
-    where = f"GPU ({torch.cuda.get_device_name()}, bf16, channels_last)" if cuda else "CPU (fp32)"
+    where = f"GPU ({torch.cuda.get_device_name()}, bf16, channels_last)" if cuda else "CPU (fp32, channels_last)"
     print(f"\nSimCLR training, CIFAR ResNet-18, batch {batch}, {steps} timed steps, on the {where}")
     p, b = run_pil(), run_batched()
     print(f"{'PIL loader (' + str(workers) + ' workers)':<28} {p:>10,.0f} images/s")
