@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py --device cpu --tiny     # every experiment at batch 4, a few minutes on 2 cores
     python benchmarks/gpu_check.py --experiments scan_cifar10 sela_cifar10 --out /tmp/check   # a subset, kept
     python benchmarks/gpu_check.py --experiments scan_cifar10 scan_stl10 --augment batched     # views on the GPU
+    python benchmarks/gpu_check.py --experiments scan_cifar10 --augment batched --channels-last  # + channels-last
 
 For every experiment of workflow/experiments/paper.yaml (its run_experiments, then the others), resolved as the
 workflow resolves it, and for each stage of its method in pipeline order: the dataset is fabricated in its real
@@ -162,6 +163,7 @@ class Plan:
     tiny: bool
     steps: int           # k: SIGUSR1 during the k-th step of the first run, which stops at the end of that step
     augment: str = "pil"  # augment.backend of every experiment (batched: views made on the device)
+    channels_last: bool = False  # runtime.channels_last of every experiment
 
     @property
     def cuda(self) -> bool:
@@ -261,6 +263,9 @@ def prepare(config: dict[str, Any], name: str, plan: Plan) -> tuple[dict[str, An
     if plan.augment != (exp.get("augment") or {}).get("backend", "pil"):
         exp["augment"] = {**(exp.get("augment") or {}), "backend": plan.augment}
         notes[""].append(f"augment.backend {plan.augment}")
+    if plan.channels_last:
+        rt["channels_last"] = True
+        notes[""].append("runtime.channels_last")
     stages = experiment_stages(exp)
     blocks = _blocks(stages)
     for b in blocks:
@@ -897,6 +902,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=["pil", "batched"], default="pil",
                    help="augment.backend of every experiment (default pil, paper.yaml's); batched makes the views "
                         "of the stages that have a batched path on the device")
+    p.add_argument("--channels-last", action="store_true",
+                   help="runtime.channels_last of every experiment: weights and activations in channels-last layout "
+                        "(with --augment batched and a bf16 experiment: the fast path on a GPU)")
     return p
 
 
@@ -919,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown experiment(s): {', '.join(unknown)}; expected names from {PAPER.relative_to(ROOT)}: "
                          + ", ".join(names))
         names = [n for n in names if n in args.experiments]
-    plan = Plan(args.device, args.tiny, steps, args.augment)
+    plan = Plan(args.device, args.tiny, steps, args.augment, args.channels_last)
     shrunk = shrink_imagenet_for_tiny() if plan.tiny else []
     keep = args.out is not None
     out = args.out.resolve() if keep else Path(tempfile.mkdtemp(prefix="gpu_check_"))

@@ -167,9 +167,10 @@ def test_the_fabricated_datasets_load_through_ncd(gpu_check, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_tiny_batched_augmentation_run_on_the_cpu():
-    """--augment batched: SCAN's CIFAR-10 and STL-10 experiments (pretext, SCAN, self-labeling on the batched
-    path) step, stop and resume through their real run functions."""
-    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--augment", "batched",
+    """--augment batched --channels-last (the fast path on a GPU): SCAN's CIFAR-10 and STL-10 experiments
+    (pretext, SCAN, self-labeling on the batched path, channels-last ResNet-18s) step, stop and resume through
+    their real run functions."""
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--augment", "batched", "--channels-last",
                         "--experiments", "scan_cifar10", "scan_stl10"], cwd=ROOT, capture_output=True, text=True,
                        timeout=880)
     tail = f"stdout:\n{r.stdout[-6000:]}\nstderr:\n{r.stderr[-6000:]}"
@@ -182,3 +183,4 @@ def test_tiny_batched_augmentation_run_on_the_cpu():
             line = next((l for l in lines if re.match(rf"ok\s+{exp}\s+{stage}\s", l)), None)
             assert line and "resumed at step" in line, tail
     assert "augment.backend batched" in r.stdout + r.stderr, tail
+    assert "runtime.channels_last" in r.stdout + r.stderr, tail
