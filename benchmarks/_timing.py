@@ -37,7 +37,7 @@ def transform_pairs_per_second(transform: Callable, info, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def paired(a, b, rounds: int) -> tuple[float, float, float]:
+def paired(a: Callable[[], None], b: Callable[[], None], rounds: int) -> tuple[float, float, float]:
     """Seconds of ``a`` and of ``b`` (medians) and the median of the per-round ratios ``a / b``, the two
     timed alternately after one warm-up each: on a shared machine both then see the same slowdowns."""
     a()

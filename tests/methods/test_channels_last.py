@@ -13,6 +13,11 @@ from ncd.methods.common import RunContext
 from ncd.methods.training import fit
 
 
+def _strictly_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last strides that NCHW's are not (they coincide for one channel or a 1x1 map)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 class _Probe(L.LightningModule):
     """A conv-BN net that records, at every step, the memory format its weight and activation had."""
 
@@ -27,9 +32,7 @@ class _Probe(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         hidden = self.net[0](x)
-        cl = torch.channels_last
-        self.formats.append((self.net[0].weight.is_contiguous(memory_format=cl) and not self.net[0].weight.is_contiguous(),
-                             hidden.is_contiguous(memory_format=cl) and not hidden.is_contiguous()))
+        self.formats.append((_strictly_channels_last(self.net[0].weight), _strictly_channels_last(hidden)))
         return nn.functional.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
