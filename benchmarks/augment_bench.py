@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ncd.data import build_transform
+from ncd.utils import keep_freed_memory
 from ncd.data.batched import apply_views, simclr_views
 from ncd.data.batched_strong import device_views
 from ncd.data.batched_uno import build_uno_views
@@ -168,6 +169,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--train-steps", type=int, default=3, help="0 skips part 2")
     a = ap.parse_args()
+    keep_freed_memory()  # as every `python -m ncd` stage does (ncd.utils.keep_freed_memory)
     torch.set_num_threads(a.threads)
     augment_rates(a.batch, a.repeat)
     if a.train_steps:

@@ -23,6 +23,7 @@ from _timing import (  # benchmarks/ is on sys.path
 )
 
 from ncd.data import get_info
+from ncd.utils import keep_freed_memory
 from ncd.data.cld import build_cld_transform
 from ncd.losses import cld_loss, memory_bank_update, npid_loss
 from ncd.models.cld import CLDModel, build_cld_backbone
@@ -69,6 +70,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     a = p.parse_args()
+    keep_freed_memory()  # as every `python -m ncd` stage does (ncd.utils.keep_freed_memory)
     steps = a.steps or (3 if a.device == "cpu" else 50)
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; batch {a.batch}; precision {a.precision}")

@@ -17,6 +17,7 @@ import copy
 import torch
 
 from ncd.models import build_backbone
+from ncd.utils import keep_freed_memory
 
 from _timing import paired  # benchmarks/ is on sys.path
 
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1, as make run's jobs)")
     a = p.parse_args()
+    keep_freed_memory()  # as every `python -m ncd` stage does (ncd.utils.keep_freed_memory)
     torch.set_num_threads(a.threads)
     kwargs = {"width": a.width, "pool": 2} if a.backbone == "small_cnn" else {}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

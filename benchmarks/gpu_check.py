@@ -130,6 +130,7 @@ from torchvision import datasets as tvd  # noqa: E402
 from torchvision.datasets.utils import calculate_md5  # noqa: E402
 
 from ncd.config import check_stage_config, load_config, resolve_experiment, stage_slice  # noqa: E402
+from ncd.utils import keep_freed_memory  # noqa: E402
 from ncd.data import get_info, imagenet_subset_classes  # noqa: E402
 from ncd.data.uno import uno_imagenet_wnids  # noqa: E402
 from ncd.errors import Preempted  # noqa: E402
@@ -911,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as every `python -m ncd` stage does (ncd.utils.keep_freed_memory)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
                      "use --device cpu")

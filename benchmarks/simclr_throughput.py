@@ -20,6 +20,7 @@ from _timing import (  # benchmarks/ is on sys.path
 )
 
 from ncd.data import build_transform, get_info
+from ncd.utils import keep_freed_memory
 from ncd.losses import simclr_loss
 from ncd.models import ContrastiveModel, build_backbone
 
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     a = p.parse_args()
+    keep_freed_memory()  # as every `python -m ncd` stage does (ncd.utils.keep_freed_memory)
     steps = a.steps or (3 if a.device == "cpu" else 50)
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; batch {a.batch}; precision {a.precision}")

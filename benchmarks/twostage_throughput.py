@@ -21,6 +21,7 @@ from _timing import (  # benchmarks/ is on sys.path
 )
 
 from ncd.data import get_info
+from ncd.utils import keep_freed_memory
 from ncd.losses import twostage_loss
 from ncd.models import ResNet18withSobel
 from ncd.models.sobel import TwoStageModel
@@ -58,6 +59,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128, help="images per step for ResNet18withSobel (the paper's 128)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args()
+    keep_freed_memory()  # as every `python -m ncd` stage does (ncd.utils.keep_freed_memory)
     if a.threads:
         torch.set_num_threads(a.threads)
     steps = a.steps or (3 if a.device == "cpu" else 50)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ncd.errors import NcdError, Preempted
 from ncd.stages import STAGES, load
-from ncd.utils import config_hash, git_commit, run_lock, seed_everything
+from ncd.utils import config_hash, git_commit, keep_freed_memory, run_lock, seed_everything
 
 if TYPE_CHECKING:
     from ncd.methods.common import RunContext
@@ -255,6 +255,7 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one stage; bad input → ``error: ...`` on stderr and exit status 2."""
+    keep_freed_memory()  # before the stage allocates anything big (ncd.utils.keep_freed_memory: why)
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log", None))
     try:

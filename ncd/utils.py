@@ -149,6 +149,35 @@ def dataset_marker(data_dir: str, dataset: str, data_path: str | None = None, fo
     return f"{data_dir}/{folder or dataset}/READY"
 
 
+MALLOC_TUNING_ENV = "NCD_MALLOC_TUNING"
+_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
+_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step allocates and frees the same activation-sized tensors over and over. With glibc's
+    defaults, many of them are mmapped afresh (or the heap is trimmed and regrown), so every step
+    page-faults its memory in again: a digits SimCLR job spent 12 % of its time in the kernel on
+    2.6 million minor faults. A fixed mmap threshold of 32 MiB and a 1 GiB trim threshold keep that
+    memory in the process (17x fewer faults; peak RSS is unchanged, it is just not given back).
+    Results are bit-identical: only where the memory comes from changes. ``NCD_MALLOC_TUNING=0``
+    switches it off. Returns whether the settings were applied (False off glibc, e.g. on macOS)."""
+    if os.environ.get(MALLOC_TUNING_ENV, "1") == "0":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, _MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, _TRIM_THRESHOLD))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (the CPU and every CUDA or MPS device there is)."""
     import torch  # lazily: ncd.utils serves the torch-free config and stage table too
