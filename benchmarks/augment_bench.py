@@ -25,13 +25,13 @@ import torch
 from PIL import Image
 
 from ncd.data import build_transform
-from ncd.utils import keep_freed_memory
 from ncd.data.batched import apply_views, simclr_views
 from ncd.data.batched_strong import device_views
 from ncd.data.batched_uno import build_uno_views
 from ncd.data.uno import build_uno_transform
 from ncd.data.registry import get_info
 from ncd.data.wrappers import MultiView
+from ncd.utils import keep_freed_memory
 
 from _timing import paired  # benchmarks/ is on sys.path
 

@@ -23,10 +23,10 @@ from _timing import (  # benchmarks/ is on sys.path
 )
 
 from ncd.data import get_info
-from ncd.utils import keep_freed_memory
 from ncd.data.cld import build_cld_transform
 from ncd.losses import cld_loss, memory_bank_update, npid_loss
 from ncd.models.cld import CLDModel, build_cld_backbone
+from ncd.utils import keep_freed_memory
 
 
 def step_throughput(backbone: str, in_ch: int, size: int, batch: int, steps: int, device: str, precision: str,

@@ -130,14 +130,13 @@ from torchvision import datasets as tvd  # noqa: E402
 from torchvision.datasets.utils import calculate_md5  # noqa: E402
 
 from ncd.config import check_stage_config, load_config, resolve_experiment, stage_slice  # noqa: E402
-from ncd.utils import keep_freed_memory  # noqa: E402
 from ncd.data import get_info, imagenet_subset_classes  # noqa: E402
 from ncd.data.uno import uno_imagenet_wnids  # noqa: E402
 from ncd.errors import Preempted  # noqa: E402
 from ncd.methods import common, training  # noqa: E402
 from ncd.models import build_backbone  # noqa: E402
 from ncd.stages import STAGES, Stage, load, stages_of  # noqa: E402
-from ncd.utils import seed_everything  # noqa: E402
+from ncd.utils import keep_freed_memory, seed_everything  # noqa: E402
 
 PAPER = ROOT / "workflow" / "experiments" / "paper.yaml"
 TINY_BATCH = 4

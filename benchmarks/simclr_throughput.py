@@ -20,9 +20,9 @@ from _timing import (  # benchmarks/ is on sys.path
 )
 
 from ncd.data import build_transform, get_info
-from ncd.utils import keep_freed_memory
 from ncd.losses import simclr_loss
 from ncd.models import ContrastiveModel, build_backbone
+from ncd.utils import keep_freed_memory
 
 
 def step_throughput(backbone: str, in_ch: int, size: int, batch: int, steps: int, device: str,

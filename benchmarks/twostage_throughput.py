@@ -21,10 +21,10 @@ from _timing import (  # benchmarks/ is on sys.path
 )
 
 from ncd.data import get_info
-from ncd.utils import keep_freed_memory
 from ncd.losses import twostage_loss
 from ncd.models import ResNet18withSobel
 from ncd.models.sobel import TwoStageModel
+from ncd.utils import keep_freed_memory
 
 
 def step_throughput(backbone: str, in_ch: int, size: int, batch: int, steps: int, device: str, classes: int,

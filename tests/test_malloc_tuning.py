@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a batch of SimCLR views of CIFAR-shaped images, as a training step makes them: many temporaries of
 # 0.1-6 MB, allocated and freed in every step; minor page faults counted after two warm-up steps
 WORKLOAD = """
-import json, resource, sys, torch
+import json, resource, torch
 from ncd.utils import keep_freed_memory
 applied = keep_freed_memory()
 torch.set_num_threads(1)
