@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from sklearn import metrics
 from torch import Tensor
 
 from ncd.errors import NcdError
+from ncd.eval.partition import adjusted_rand_index, normalized_mutual_info
 
 __all__ = ["hungarian_evaluate", "scan_head_losses", "cluster_acc"]
 
@@ -68,7 +68,8 @@ def hungarian_evaluate(
     * Matched predictions start as a vector of zeros and every cluster ``c`` matched to class
       ``t`` is rewritten to ``t``. ACC = mean(matched prediction == target).
     * NMI = ``normalized_mutual_info_score(targets, predictions)``, ARI =
-      ``adjusted_rand_score(targets, predictions)`` (sklearn defaults, raw ids).
+      ``adjusted_rand_score(targets, predictions)`` (sklearn defaults, raw ids; computed the same way
+      by :mod:`ncd.eval.partition` without importing scikit-learn).
     * With ``probabilities`` (``[N, C]``): the 5 most probable clusters of each sample are mapped
       through the same matching and ``acc_top5`` = (number of mapped entries equal to the label)
       / N; ``match`` = list of ``(cluster, class)`` int pairs.
@@ -112,8 +113,8 @@ def hungarian_evaluate(
     if unmatched == "wrong":
         hit &= reordered >= 0
     acc = int(hit.sum()) / float(num_elems)
-    nmi = metrics.normalized_mutual_info_score(tgts, preds)
-    ari = metrics.adjusted_rand_score(tgts, preds)
+    nmi = normalized_mutual_info(tgts, preds)
+    ari = adjusted_rand_index(tgts, preds)
     out: dict[str, Any] = {"acc": float(acc), "nmi": float(nmi), "ari": float(ari)}
 
     if probabilities is not None:

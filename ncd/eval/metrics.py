@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn import metrics
 
 from ncd.errors import NcdError
+from ncd.eval.partition import adjusted_rand_index, normalized_mutual_info
 
 __all__ = ["clustering_metrics", "ACC_MATCHINGS"]
 
@@ -63,9 +63,12 @@ def clustering_metrics(predictions: Any, targets: Any, acc_matching: str = "hung
         matched = int(counts[rows, cols].sum())
     else:
         matched = int(counts.max(axis=1).sum())
+    # lazily: scikit-learn's import costs about a second, and only the adjusted MI needs it here
+    from sklearn.metrics import adjusted_mutual_info_score
+
     return {
         "acc": matched / p.size,
-        "nmi": float(metrics.normalized_mutual_info_score(t, p)),
-        "ami": float(metrics.adjusted_mutual_info_score(t, p)),
-        "ari": float(metrics.adjusted_rand_score(t, p)),
+        "nmi": normalized_mutual_info(t, p),
+        "ami": float(adjusted_mutual_info_score(t, p)),
+        "ari": adjusted_rand_index(t, p),
     }

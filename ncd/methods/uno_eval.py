@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -24,6 +23,7 @@ from ncd.data.uno import (
 from ncd.errors import NcdError
 from ncd.eval.clustering import cluster_acc, hungarian_evaluate
 from ncd.eval.knn import weighted_knn
+from ncd.eval.partition import adjusted_rand_index, normalized_mutual_info
 from ncd.eval.rows import Row, confusion_of, head_rows
 from ncd.methods.common import RunContext, make_loader, restore
 
@@ -132,7 +132,7 @@ def evaluate_uno(ctx: RunContext, blob: dict, device: torch.device) -> tuple[lis
             aware = unlab[h].argmax(1).numpy()
             agnostic = torch.cat([lab, unlab[h]], dim=1).argmax(1).numpy()
             results.append({"acc": cluster_acc(target, aware), "acc_agnostic": cluster_acc(target, agnostic),
-                            "nmi": normalized_mutual_info_score(target, aware), "ari": adjusted_rand_score(target, aware)})
+                            "nmi": normalized_mutual_info(target, aware), "ari": adjusted_rand_index(target, aware)})
             if h == best and name == "test-novel":
                 res = hungarian_evaluate(torch.from_numpy(aware), torch.from_numpy(target), return_reordered=True)
                 confusion = confusion_of(res, best)
@@ -155,8 +155,8 @@ def _whole_test_split(ctx: RunContext, model, info, known: list[int], novel: lis
     knn = weighted_knn(bank.to(device), bank_y.to(device), feats.to(device), y.to(device), len(known) + len(novel),
                        k=min(int(ev["knn_k"]), len(bank)), sigma=float(ev["knn_sigma"]))
     return [("test", "best", "acc", cluster_acc(target, pred)),
-            ("test", "best", "nmi", float(normalized_mutual_info_score(target, pred))),
-            ("test", "best", "ari", float(adjusted_rand_score(target, pred))),
+            ("test", "best", "nmi", normalized_mutual_info(target, pred)),
+            ("test", "best", "ari", adjusted_rand_index(target, pred)),
             ("test", "best", "knn_top1", float(knn["top1"]))]
 
 
