@@ -31,8 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("lightning", "faiss", "matplotlib", "pandas", "sklearn", "scipy", "torchvision")
-PROBE = ("import json, sys; {imports}; "
-         "print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
+# ends as ``python -m ncd`` does (ncd/__main__.py): gc.freeze() spares the shutdown a collection of the heap
+PROBE = ("import gc, json, sys; {imports}; "
+         "print(json.dumps([m for m in {heavy!r} if m in sys.modules])); gc.freeze()")
 
 
 def module_of(entry: str) -> str:
