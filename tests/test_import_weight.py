@@ -81,13 +81,11 @@ def test_a_real_evaluate_job_on_digits_imports_no_torchvision_lightning_or_faiss
     assert {(row["split"], row["head"], row["metric"]) for row in rows} >= {("test", "best", "acc"), ("test", "1", "nmi")}
 
 
-@pytest.mark.parametrize("stage", ["cluster", "pretrain", "pretext_kmeans", "scan", "selflabel", "discover", "superand", "twostage"])
-def test_an_evaluator_that_fits_nothing_imports_no_sklearn(stage):
+def test_no_evaluator_imports_sklearn_until_it_fits_something():
     """scikit-learn's import (about 1 s: it brings scipy.stats) is left to the evaluations that fit
-    something with it (k-means on CLD's features, SeLa's adjusted MI and PCA); NMI and ARI come from
-    ncd.eval.partition."""
-    assert _imported(["ncd.cli", "ncd.config", "ncd.methods.evaluate", STAGES[stage].evaluate.partition(":")[0]],
-                     ("sklearn",)) == []
+    something with it, inside the function (k-means on CLD's features, SeLa's adjusted MI and PCA); NMI and
+    ARI come from ncd.eval.partition."""
+    assert _imported(["ncd.cli", "ncd.config", "ncd.methods.evaluate", *EVALUATOR_MODULES], ("sklearn",)) == []
 
 
 def test_the_checker_sees_lightning_where_it_is():
