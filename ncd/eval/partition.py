@@ -46,12 +46,8 @@ def contingency_matrix(labels_true: Any, labels_pred: Any) -> np.ndarray:
     return counts
 
 
-def _entropy(labels: np.ndarray) -> float:
-    if labels.shape[0] == 0:
-        return 1.0
-    pi = np.unique(labels, return_counts=True)[1].astype(np.float64)
-    if pi.size == 1:
-        return 0.0
+def _entropy(pi: np.ndarray) -> float:
+    """Entropy (natural log) of a labelling from its float64 label counts, as scikit-learn's ``_entropy``."""
     pi_sum = np.sum(pi)
     # log(a / b) as log(a) - log(b), as scikit-learn does, for the same rounding
     return float(-np.sum((pi / pi_sum) * (np.log(pi) - log(pi_sum))))
@@ -67,13 +63,13 @@ def normalized_mutual_info(labels_true: Any, labels_pred: Any) -> float:
     label (or none), 0.0 when the mutual information is 0. Used by SCAN (Van Gansbeke et al., ECCV
     2020) and UNO (Fini et al., ICCV 2021) through scikit-learn.
     """
-    t, p = _pair(labels_true, labels_pred)
-    n_classes, n_clusters = np.unique(t).shape[0], np.unique(p).shape[0]
+    counts = contingency_matrix(labels_true, labels_pred)
+    n_classes, n_clusters = counts.shape
     if n_classes == n_clusters == 1 or n_classes == n_clusters == 0:
         return 1.0
-    cont = contingency_matrix(t, p).astype(np.float64)
-    if cont.shape[0] == 1 or cont.shape[1] == 1:
+    if n_classes == 1 or n_clusters == 1:
         return 0.0
+    cont = counts.astype(np.float64)
     nzx, nzy = np.nonzero(cont)  # row-major, the order of scikit-learn's CSR ``find``
     nz_val = cont[nzx, nzy]
     contingency_sum = cont.sum()
@@ -88,7 +84,8 @@ def normalized_mutual_info(labels_true: Any, labels_pred: Any) -> float:
     mi = float(np.clip(mi.sum(), 0.0, None))
     if mi == 0:
         return 0.0
-    normalizer = np.mean([_entropy(t), _entropy(p)])
+    # the label counts are the contingency's margins (scikit-learn counts them again from the labels)
+    normalizer = np.mean([_entropy(pi), _entropy(pj)])
     return float(mi / normalizer)
 
 
