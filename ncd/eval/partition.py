@@ -73,8 +73,8 @@ def normalized_mutual_info(labels_true: Any, labels_pred: Any) -> float:
     nzx, nzy = np.nonzero(cont)  # row-major, the order of scikit-learn's CSR ``find``
     nz_val = cont[nzx, nzy]
     contingency_sum = cont.sum()
-    pi = np.ravel(cont.sum(axis=1))
-    pj = np.ravel(cont.sum(axis=0))
+    pi = cont.sum(axis=1)
+    pj = cont.sum(axis=0)
     log_contingency_nm = np.log(nz_val)
     contingency_nm = nz_val / contingency_sum
     outer = pi.take(nzx).astype(np.int64, copy=False) * pj.take(nzy).astype(np.int64, copy=False)
@@ -98,9 +98,8 @@ def adjusted_rand_index(labels_true: Any, labels_pred: Any) -> float:
     Equals ``sklearn.metrics.adjusted_rand_score(labels_true, labels_pred)``: integer pair counts,
     Python integers for the products (no overflow), one final division.
     """
-    t, p = _pair(labels_true, labels_pred)
-    n_samples = int(t.shape[0])
-    cont = contingency_matrix(t, p)
+    cont = contingency_matrix(labels_true, labels_pred)
+    n_samples = int(cont.sum())
     n_c = cont.sum(axis=1)
     n_k = cont.sum(axis=0)
     sum_squares = int((cont**2).sum())
