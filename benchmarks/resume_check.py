@@ -114,32 +114,39 @@ def position(last: Path) -> str:
     return f"epoch {int(blob['epoch']) + 1}, after batch {int(progress)} (step {int(blob['global_step'])})"
 
 
-def stopped_run(args: list[str], stage: str, last: Path, sig: str, budget: float, rng: random.Random,
-                tries: int = 4) -> tuple[str, float]:
+def stopped_run(args: list[str], stage: str, out: Path, sig: str, budget: float, rng: random.Random,
+                tries: int = 6) -> tuple[str, float]:
     """Run ``stage`` and send ``sig`` at a random moment after its first save; returns where its
-    last.ckpt stands and the delay drawn. A run that ends first is rerun from scratch with a shorter window."""
+    last.ckpt stands and the delay drawn. A stop that comes too late (training over: ``model.ckpt``
+    written or ``last.ckpt`` gone) is drawn again, from scratch, in a window of 80 % of the training
+    time that run took after its first save: a loaded machine makes the first guess long."""
+    last, stderr = out.parent / "last.ckpt", out.parent / "stopped.stderr"
     for _ in range(tries):
-        for f in last.parent.glob("*"):
+        for f in out.parent.glob("*"):
             if f.is_file() and f.name != ".slice.json":  # a fresh start: all but the config slice
                 f.unlink()
-        p = subprocess.Popen([sys.executable, "-m", "ncd", stage, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-        while not last.exists() and p.poll() is None:
-            time.sleep(0.02)
-        delay = rng.uniform(0.0, budget)
-        deadline = time.monotonic() + delay
-        while p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if p.poll() is not None:  # it finished before the signal: draw again, in a shorter window
-            if p.returncode != 0:
-                raise SystemExit(f"error: {stage} failed ({p.returncode}):\n{p.stderr.read()[-3000:]}")
-            budget /= 2
+        with stderr.open("w") as err:  # a file, not a pipe: a full pipe would stall the run's progress bar
+            p = subprocess.Popen([sys.executable, "-m", "ncd", stage, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=err)
+            while not last.exists() and p.poll() is None:
+                time.sleep(0.02)
+            first_save = time.monotonic()
+            delay = rng.uniform(0.0, budget)
+            deadline = first_save + delay
+            while p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if p.poll() is None:
+                p.send_signal(SIGNALS[sig])
+            p.wait()
+        if out.exists() or not last.exists():  # training was over before the stop
+            if p.returncode not in (0, -SIGNALS[sig]):
+                raise SystemExit(f"error: {stage} failed ({p.returncode}):\n{stderr.read_text()[-3000:]}")
+            budget = 0.8 * (time.monotonic() - first_save)
             continue
-        p.send_signal(SIGNALS[sig])
-        _, err = p.communicate()
         want = -signal.SIGKILL if sig == "KILL" else Preempted.exit_code
         if p.returncode != want:
-            raise SystemExit(f"error: {stage} stopped by SIG{sig} exited {p.returncode}, expected {want}:\n{err[-3000:]}")
+            raise SystemExit(f"error: {stage} stopped by SIG{sig} exited {p.returncode}, expected {want}:\n"
+                             f"{stderr.read_text()[-3000:]}")
         return position(last), delay
     raise SystemExit(f"error: {stage} kept finishing before a signal could reach it ({tries} tries)")
 
@@ -190,7 +197,7 @@ def main() -> int:
                 out = work / f"{sig.lower()}{trial}" / artifact(stage)
                 args = stage_args(cfg, work, stage, out, a.seed)
                 # the window after the first save: the run minus its start-up (about 6 s of imports)
-                where, _ = stopped_run(args, stage, out.parent / "last.ckpt", sig, max(0.5, wall - 6.0), rng)
+                where, _ = stopped_run(args, stage, out, sig, max(0.5, wall - 6.0), rng)
                 r = ncd(stage, *args)
                 ok_w, what = same_weights(out, straight)
                 got_rows = rows(cfg, work, stage, out, a.seed)
