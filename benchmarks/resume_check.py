@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
@@ -85,9 +84,9 @@ def stage_args(cfg: dict[str, Any], work: Path, stage: str, out: Path, seed: int
     return args
 
 
-def ncd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def ncd(*args: str) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "ncd", *args], capture_output=True, text=True, cwd=ROOT)
-    if check and r.returncode != 0:
+    if r.returncode != 0:
         raise SystemExit(f"error: python -m ncd {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r
 
@@ -115,9 +114,9 @@ def position(last: Path) -> str:
 
 
 def stopped_run(args: list[str], stage: str, out: Path, sig: str, budget: float, rng: random.Random,
-                tries: int = 6) -> tuple[str, float]:
+                tries: int = 6) -> str:
     """Run ``stage`` and send ``sig`` at a random moment after its first save; returns where its
-    last.ckpt stands and the delay drawn. A stop that comes too late (training over: ``model.ckpt``
+    last.ckpt stands. A stop that comes too late (training over: ``model.ckpt``
     written or ``last.ckpt`` gone) is drawn again, from scratch, in a window of 80 % of the training
     time that run took after its first save: a loaded machine makes the first guess long."""
     last, stderr = out.parent / "last.ckpt", out.parent / "stopped.stderr"
@@ -131,8 +130,7 @@ def stopped_run(args: list[str], stage: str, out: Path, sig: str, budget: float,
             while not last.exists() and p.poll() is None:
                 time.sleep(0.02)
             first_save = time.monotonic()
-            delay = rng.uniform(0.0, budget)
-            deadline = first_save + delay
+            deadline = first_save + rng.uniform(0.0, budget)
             while p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             if p.poll() is None:
@@ -147,7 +145,7 @@ def stopped_run(args: list[str], stage: str, out: Path, sig: str, budget: float,
         if p.returncode != want:
             raise SystemExit(f"error: {stage} stopped by SIG{sig} exited {p.returncode}, expected {want}:\n"
                              f"{stderr.read_text()[-3000:]}")
-        return position(last), delay
+        return position(last)
     raise SystemExit(f"error: {stage} kept finishing before a signal could reach it ({tries} tries)")
 
 
@@ -197,7 +195,7 @@ def main() -> int:
                 out = work / f"{sig.lower()}{trial}" / artifact(stage)
                 args = stage_args(cfg, work, stage, out, a.seed)
                 # the window after the first save: the run minus its start-up (about 6 s of imports)
-                where, _ = stopped_run(args, stage, out, sig, max(0.5, wall - 6.0), rng)
+                where = stopped_run(args, stage, out, sig, max(0.5, wall - 6.0), rng)
                 r = ncd(stage, *args)
                 ok_w, what = same_weights(out, straight)
                 got_rows = rows(cfg, work, stage, out, a.seed)
